@@ -1,0 +1,3 @@
+"""reft-jax: ReFT in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,158 @@
+"""Device mesh, the one logical-axis rules table, and shardings derived from it.
+
+Params and activations name their axes logically (`vocab`, `embed`, `heads`, ...); this module
+is the only place that knows how those names map onto the physical mesh. Changing the
+parallelism strategy means editing `LOGICAL_RULES`, nothing else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes. FSDP shards the model dimension of every weight; tensor parallelism
+# shards heads / MLP / vocabulary; the batch is split over both data-like axes.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("length", None),
+)
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Mesh axis sizes; exactly one may be -1 meaning "all remaining devices"."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def validate(self) -> None:
+        sizes = (self.data, self.fsdp, self.tensor)
+        if sum(s == -1 for s in sizes) > 1:
+            raise ValueError(f"mesh: at most one axis may be -1, got {sizes}")
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"mesh: axis sizes must be positive or -1, got {sizes}")
+
+    def resolve(self, num_devices: int) -> tuple[int, int, int]:
+        self.validate()
+        sizes = [self.data, self.fsdp, self.tensor]
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(
+                    f"mesh: {num_devices} devices are not divisible by the fixed axes "
+                    f"(data={self.data}, fsdp={self.fsdp}, tensor={self.tensor})"
+                )
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ValueError(
+                f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {num_devices} devices are present"
+            )
+        return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[Any] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh with Auto axis types (classic GSPMD propagation)."""
+    cfg = cfg or MeshConfig()
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = cfg.resolve(len(devices))
+    # make_mesh orders devices for the physical topology (ICI rings on TPU); jax 0.10 defaults to
+    # Explicit axis types, which break with_sharding_constraint, hence Auto.
+    return jax.make_mesh(
+        shape,
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )
+
+
+def single_device_mesh() -> Mesh:
+    return make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+
+
+def _rules_dict(rules) -> dict[str, tuple[str, ...]]:
+    out = {}
+    for name, axes in rules:
+        if axes is None:
+            out[name] = ()
+        elif isinstance(axes, str):
+            out[name] = (axes,)
+        else:
+            out[name] = tuple(axes)
+    return out
+
+
+def logical_to_spec(
+    logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=LOGICAL_RULES
+) -> P:
+    """PartitionSpec for one array. Mesh axes that do not divide the dimension are dropped
+    (that dimension is replicated over them) so that e.g. 3 KV heads work on tensor=2."""
+    table = _rules_dict(rules)
+    used: set[str] = set()
+    spec = []
+    for dim, name in zip(shape, logical):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise KeyError(f"logical axis {name!r} has no entry in the sharding rules table")
+        chosen = []
+        size = 1
+        for axis in table[name]:
+            n = mesh.shape[axis]
+            if axis in used or n == 1:
+                continue
+            if dim % (size * n) == 0:
+                chosen.append(axis)
+                size *= n
+            else:
+                log.debug("axis %s (%d) does not divide %s=%d: replicated", axis, n, name, dim)
+        used.update(chosen)
+        spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+    return P(*spec)
+
+
+def logical_to_sharding(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+    """Map a tree of logical-axis tuples (and a matching tree of shapes / arrays /
+    ShapeDtypeStructs) to a tree of NamedShardings."""
+
+    def one(axes, shaped):
+        shape = shaped.shape if hasattr(shaped, "shape") else tuple(shaped)
+        return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+    return jax.tree.map(one, axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Shard dim 0 of a batch over ('data', 'fsdp'), replicate the rest."""
+    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    """Global batch sizes must be multiples of this to shard evenly."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Place a host (numpy) batch tree onto the mesh, dim 0 split over the batch axes."""
+    return jax.tree.map(lambda x: jax.device_put(np.asarray(x), batch_sharding(mesh, np.ndim(x))), batch)
