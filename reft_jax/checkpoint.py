@@ -1,0 +1,276 @@
+"""Orbax checkpoints that let a preempted run continue bit-for-bit, possibly on another mesh.
+
+A step directory holds two items: `state` (the TrainState pytree, written shard by shard by every
+process) and `meta` (JSON: data-iterator position, epoch, best metric, resolved config; Orbax's
+JSON handler writes it from the primary process only). Orbax writes each step into a temporary
+directory and renames it after writing `commit_success.txt`, so a finished step always has the
+marker. Restoring walks back from the newest step and skips, loudly, any step that lacks the
+marker or cannot be read; unusable steps newer than the one restored are moved aside, because
+Orbax refuses to save a step older than its latest and training would otherwise stall there.
+
+Multi-host: every process must call `save`, `restore` and `wait` (Orbax synchronises them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as policies
+
+from reft_jax.config import to_dict
+
+COMMIT_MARKER = "commit_success.txt"  # written by Orbax as the last act of a save
+UNUSABLE_DIR = "_unusable"  # where damaged steps are moved; not a step name, so Orbax ignores it
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint operation that cannot go on safely (nothing usable, or a step clash)."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint step was found damaged or partial and is being skipped."""
+
+
+class _Unusable(Exception):
+    """Reason one step cannot be restored."""
+
+
+def abstract_like(tree: Any, shardings: Any = None) -> Any:
+    """`jax.ShapeDtypeStruct` tree mirroring `tree`, to restore into. `shardings` is one
+    `Sharding` for every leaf, a matching tree of them, or None to keep each array's own
+    (a different sharding than at save time makes Orbax reshard while reading)."""
+    def one(x, sharding=None):
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            x = np.asarray(x)
+        if sharding is None:
+            sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
+
+
+def _jsonable(x: Any, where: str) -> Any:
+    """Plain JSON data from meta (numpy/jax scalars, tuples, paths, config dataclasses), checked
+    before a save starts so a bad value cannot leave half a checkpoint behind."""
+    if x is None or isinstance(x, (str, bool, int, float)):
+        return x
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(x)]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, (np.ndarray, jax.Array)):
+        return np.asarray(x).tolist()
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return _jsonable(to_dict(x), where)
+    raise TypeError(f"{where}: {type(x).__name__} value {x!r} is not JSON-serialisable")
+
+
+class Checkpointer:
+    """Latest `keep` steps plus the best one by `best_metric` (kept even when older).
+
+    `save` is asynchronous: it returns once arrays are copied off the devices (so the state may
+    be donated to the next step) and Orbax commits in the background; `wait()` blocks until done
+    and raises if the background commit failed.
+
+    `clean_partial=True` deletes temporary directories of saves that were cut short. Only the
+    run's sole writer may ask for it: a reader (an evaluator watching a live run) would delete
+    the writer's save in flight.
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int | None = 3,
+                 best_metric: str | None = None, best_mode: Literal["max", "min"] = "max",
+                 keep_best: bool = True, async_save: bool = True, clean_partial: bool = False):
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+        text = os.fspath(directory)
+        self.directory = epath.Path(text if "://" in text else os.path.abspath(text))
+        self.best_metric, self.best_mode = best_metric, best_mode
+        self._barriers = 0
+        keep_policy: list[Any] = [policies.LatestN(n=keep)]
+        if best_metric is not None and keep_best:
+            keep_policy.append(policies.BestN(
+                get_metric_fn=self._metric_of, reverse=best_mode == "min", n=1,
+                keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policies.AnyPreservationPolicy(keep_policy),
+            best_fn=self._metric_of if best_metric is not None else None,
+            best_mode=best_mode,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=clean_partial,
+        )
+        self._mgr = ocp.CheckpointManager(self.directory, options=options)
+
+    def _metric_of(self, metrics: Mapping[str, float]) -> float:
+        return float(metrics[self.best_metric])
+
+    # --- saving ---------------------------------------------------------------------------
+
+    def save(self, step: int, state: Any, meta: Mapping[str, Any] | None = None,
+             metric: float | None = None) -> None:
+        """Write `state` (any pytree of arrays, sharded or not) and JSON `meta` as `step`.
+        `metric` ranks the step for best-keeping; NaN never counts as best."""
+        step = int(step)
+        meta_json = _jsonable(dict(meta or {}), "meta")
+        metrics = None
+        if metric is not None:
+            if self.best_metric is None:
+                raise ValueError("save(metric=...) needs Checkpointer(best_metric=<name>)")
+            metric = float(metric)
+            if math.isnan(metric):
+                warnings.warn(f"checkpoint step {step}: metric {self.best_metric} is NaN; "
+                              "this step will not be kept as best", CheckpointWarning, 2)
+            else:
+                metrics = {self.best_metric: metric}
+        existing = self._mgr.all_steps()
+        if step in existing:
+            raise CheckpointError(f"checkpoint step {step} already exists in {self.directory}")
+        if existing and step < max(existing):
+            raise CheckpointError(
+                f"cannot save step {step}: {self.directory} already has step {max(existing)}; "
+                "restore() first (it moves damaged newer steps aside)")
+        self._mgr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta_json)),
+            metrics=metrics, force=True)
+
+    def wait(self) -> None:
+        """Block until every pending asynchronous save is committed."""
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mgr.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- listing --------------------------------------------------------------------------
+
+    def _refresh(self) -> list[int]:
+        self.wait()
+        self._mgr.reload()
+        return sorted(self._mgr.all_steps())
+
+    def _step_path(self, step: int) -> epath.Path:
+        return self.directory / str(step)
+
+    def all_steps(self) -> list[int]:
+        """Committed steps on disk (those with the commit marker), oldest first."""
+        return [s for s in self._refresh() if (self._step_path(s) / COMMIT_MARKER).exists()]
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def _ranked_steps(self) -> list[int]:
+        """Committed steps with a metric, best first."""
+        if self.best_metric is None:
+            return []
+        scored = []
+        for step in self.all_steps():
+            metrics = self._mgr.metrics(step)
+            if metrics and self.best_metric in metrics:
+                value = self._metric_of(metrics)
+                scored.append((value if self.best_mode == "max" else -value, step))
+        scored.sort(reverse=True)  # best first; ties go to the newer step
+        return [step for _, step in scored]
+
+    def best_step(self) -> int | None:
+        ranked = self._ranked_steps()
+        return ranked[0] if ranked else None
+
+    # --- restoring ------------------------------------------------------------------------
+
+    def restore(self, abstract_state: Any, step: int | None = None
+                ) -> tuple[Any, dict] | None:
+        """(state, meta) of `step`, or of the newest usable step; None when there is none at all.
+
+        `abstract_state` (see `abstract_like`) gives structure, dtypes and target shardings.
+        Damaged steps are skipped with a CheckpointWarning; if every step is damaged, or an
+        explicit `step` is, CheckpointError is raised rather than silently starting afresh."""
+        steps = self._refresh()[::-1]
+        if step is not None:
+            if int(step) not in steps:
+                raise CheckpointError(f"no checkpoint step {step} in {self.directory}; "
+                                      f"steps there: {steps[::-1]}")
+            return self._restore_first([int(step)], abstract_state, what=f"step {step}")
+        return self._restore_first(steps, abstract_state, what="latest", move_aside=True)
+
+    def restore_best(self, abstract_state: Any) -> tuple[Any, dict] | None:
+        """(state, meta) of the best usable step by `best_metric`; None when none has a metric."""
+        return self._restore_first(self._ranked_steps(), abstract_state, what="best")
+
+    def _restore_first(self, steps: list[int], abstract_state: Any, what: str,
+                       move_aside: bool = False) -> tuple[Any, dict] | None:
+        if not steps:
+            return None
+        damaged = []
+        for step in steps:
+            try:
+                result = self._restore_step(step, abstract_state)
+            except _Unusable as reason:
+                damaged.append(step)
+                warnings.warn(
+                    f"\n!!! checkpoint step {step} in {self.directory} is unusable: {reason}\n"
+                    f"!!! skipping it and trying an older one", CheckpointWarning, 3)
+                continue
+            if move_aside and damaged:  # proven damaged: an older step restores fine
+                self._move_aside(damaged)
+            return result
+        raise CheckpointError(
+            f"no usable checkpoint ({what}) in {self.directory}: step(s) {damaged} are damaged "
+            "(see warnings above); move them away to start from scratch")
+
+    def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        path = self._step_path(step)
+        if not (path / COMMIT_MARKER).exists():
+            raise _Unusable(f"missing {COMMIT_MARKER} (the save never finished)")
+        try:
+            meta = self._mgr.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as err:  # noqa: BLE001 - any failure means this step is unusable
+            raise _Unusable(f"meta unreadable: {type(err).__name__}: {_brief(err)}") from err
+        if not isinstance(meta, dict):
+            raise _Unusable(f"meta is {type(meta).__name__}, not a JSON object")
+        try:
+            state = self._mgr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))["state"]
+        except Exception as err:  # noqa: BLE001
+            raise _Unusable(f"state unreadable: {type(err).__name__}: {_brief(err)}") from err
+        return state, meta
+
+    def _move_aside(self, steps: list[int]) -> None:
+        """Move damaged steps to `_unusable/` (kept for inspection) so saves can reuse them."""
+        if ocp.multihost.is_primary_host(0):
+            graveyard = self.directory / UNUSABLE_DIR
+            graveyard.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                target = graveyard / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+                self._step_path(step).rename(target)
+                warnings.warn(f"!!! moved damaged checkpoint step {step} to {target}",
+                              CheckpointWarning, 4)
+        self._barriers += 1
+        ocp.multihost.sync_global_processes(f"reft_checkpoint_move_aside_{self._barriers}")
+        self._mgr.reload()
+
+
+def _brief(err: Exception, limit: int = 400) -> str:
+    """First line of an error, without tensorstore's long JSON spec dump."""
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else "").split(" [tensorstore_spec")[0][:limit]

@@ -1,0 +1,218 @@
+"""Config machinery: YAML + dotted overrides into typed dataclasses, strict errors naming the key."""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import textwrap
+from typing import Literal, Optional
+
+import pytest
+
+from reft_jax.config import (
+    ConfigError,
+    describe_derived,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+)
+
+
+@dataclasses.dataclass
+class Optim:
+    lr: float = 1e-5
+    warmup_ratio: float = 0.1
+    schedule: Literal["linear_warmup_decay", "constant"] = "linear_warmup_decay"
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError("must be positive", key="lr", value=self.lr)
+
+
+@dataclasses.dataclass
+class Mesh:
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def validate(self):
+        if self.tensor < 1:
+            raise ValueError(f"tensor must be >= 1, got {self.tensor}")
+
+
+@dataclasses.dataclass
+class Model:
+    path: str
+    rope_scaling: Optional[dict] = None
+    layers: int | None = None
+
+
+@dataclasses.dataclass
+class Root:
+    model: Model
+    optim: Optim = dataclasses.field(default_factory=Optim)
+    mesh: Mesh = dataclasses.field(default_factory=Mesh)
+    tags: list[str] = dataclasses.field(default_factory=list)
+    seed: int = 0
+    bf16: bool = False
+    run_dir: pathlib.Path = pathlib.Path("runs/x")
+
+
+def write(tmp_path: pathlib.Path, name: str, text: str) -> pathlib.Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def expect_error(*fragments: str, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(Root, **kwargs)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+# --- good paths -------------------------------------------------------------------------------
+
+
+def test_yaml_and_overrides_build_nested_dataclasses(tmp_path):
+    cfg_path = write(tmp_path, "c.yaml", """
+        model: {path: m, rope_scaling: {type: linear, factor: 2.0}}
+        optim: {lr: 3e-7, schedule: constant}
+        tags: [a]
+    """)
+    cfg = load_config(Root, cfg_path, [
+        "mesh.fsdp=4", "optim.warmup_ratio=0", "model.rope_scaling=null", "tags=[x, y]",
+        "optim.betas=[0.8, 0.9]", "seed=7", "bf16=true", "run_dir=/tmp/r",
+    ])
+    assert isinstance(cfg.model, Model) and cfg.model.path == "m" and cfg.model.rope_scaling is None
+    assert cfg.optim.lr == 3e-7 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.warmup_ratio == 0.0 and isinstance(cfg.optim.warmup_ratio, float)  # int -> float
+    assert cfg.optim.schedule == "constant" and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.mesh == Mesh(fsdp=4) and cfg.tags == ["x", "y"] and cfg.seed == 7 and cfg.bf16 is True
+    assert cfg.run_dir == pathlib.Path("/tmp/r")
+
+
+def test_override_sets_key_absent_from_yaml_and_overrides_win(tmp_path):
+    cfg = load_config(Root, None, ["model.path=p", "model.path=q", "optim.lr=1e-3"])
+    assert cfg.model.path == "q" and cfg.optim.lr == 1e-3 and cfg.mesh == Mesh()
+
+
+def test_base_inheritance_relative_and_later_keys_win(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path, "base.yaml", """
+        model: {path: base, layers: 2}
+        optim: {lr: 1.0e-4, schedule: constant}
+        seed: 1
+    """)
+    child = write(tmp_path, "sub/child.yaml", """
+        base: ../base.yaml
+        optim: {lr: 2.0e-4}
+        seed: 2
+    """)
+    cfg = load_config(Root, child, ["seed=3"])
+    assert cfg.model == Model(path="base", layers=2)  # inherited
+    assert cfg.optim.lr == 2e-4 and cfg.optim.schedule == "constant"  # deep merge
+    assert cfg.seed == 3
+
+
+def test_base_cycle_is_an_error(tmp_path):
+    a = write(tmp_path, "a.yaml", "base: b.yaml\n")
+    write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(Root, a)
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(Root, None, ["model.path=m", "model.rope_scaling={type: linear, factor: 4.0}",
+                                   "optim.lr=3e-7", "tags=[a, b]"])
+    d = to_dict(cfg)
+    assert d["optim"]["betas"] == [0.9, 0.999] and d["run_dir"] == "runs/x"  # plain YAML types
+    save_config(cfg, tmp_path / "out" / "config.yaml")
+    again = load_config(Root, tmp_path / "out" / "config.yaml")
+    assert again == cfg
+    assert from_dict(Root, d) == cfg
+
+
+def test_describe_derived_aligns_and_formats():
+    text = describe_derived({"global batch": (512, "16 questions x 32 samples"),
+                             "steps per epoch": 12345, "learning rate": 3e-7})
+    lines = text.splitlines()
+    assert len(lines) == 3
+    assert "global batch    = 512  (16 questions x 32 samples)" in lines[0]
+    assert "12,345" in lines[1] and "3e-07" in lines[2]
+    # the '=' signs line up
+    assert len({line.index("=") for line in lines}) == 1
+
+
+# --- errors name the dotted key ---------------------------------------------------------------
+
+
+def test_unknown_key_with_suggestion():
+    expect_error("optim.lrr", "did you mean", "optim.lr", overrides=["model.path=m", "optim.lrr=1"])
+
+
+def test_unknown_top_level_key_in_yaml(tmp_path):
+    path = write(tmp_path, "c.yaml", "model: {path: m}\nseeed: 1\n")
+    expect_error("seeed", "seed", yaml_path=path)
+
+
+def test_wrong_type_names_key_and_value():
+    expect_error("optim.lr", "float", "'abc'", overrides=["model.path=m", "optim.lr=abc"])
+    expect_error("mesh.fsdp", "int", "1.5", overrides=["model.path=m", "mesh.fsdp=1.5"])
+    expect_error("bf16", "bool", overrides=["model.path=m", "bf16=1"])  # ints are not bools
+
+
+def test_bool_is_not_an_int():
+    expect_error("seed", "int", "True", overrides=["model.path=m", "seed=true"])
+
+
+def test_literal_choices_with_suggestion():
+    expect_error("optim.schedule", "'constnat'", "did you mean", "'constant'",
+                 overrides=["model.path=m", "optim.schedule=constnat"])
+
+
+def test_optional_and_list_element_types():
+    expect_error("model.layers", "'x'", overrides=["model.path=m", "model.layers=x"])
+    expect_error("tags[1]", "str", overrides=["model.path=m", "tags=[a, 2]"])
+    expect_error("optim.betas", "2", overrides=["model.path=m", "optim.betas=[0.9]"])
+    expect_error("model.rope_scaling", "dict", overrides=["model.path=m", "model.rope_scaling=3"])
+
+
+def test_missing_required_key():
+    expect_error("model.path", "missing", overrides=[])
+
+
+def test_nested_dataclass_must_be_a_mapping():
+    expect_error("optim", "mapping", overrides=["model.path=m", "optim=3"])
+
+
+def test_override_into_a_scalar_and_malformed_override():
+    expect_error("optim.lr.x", overrides=["model.path=m", "optim.lr=1", "optim.lr.x=2"])
+    expect_error("optim.lr", "key=value", overrides=["model.path=m", "optim.lr"])
+
+
+def test_post_init_validation_names_the_key():
+    expect_error("optim.lr", "-1", "must be positive", overrides=["model.path=m", "optim.lr=-1"])
+
+
+def test_validate_method_names_the_dataclass_path():
+    expect_error("mesh", "tensor must be >= 1", overrides=["model.path=m", "mesh.tensor=0"])
+
+
+def test_all_problems_reported_at_once():
+    message = expect_error("optim.lr", "seed", overrides=["model.path=m", "optim.lr=x", "seed=y"])
+    assert message.count("\n") >= 1
+
+
+def test_yaml_top_level_must_be_a_mapping(tmp_path):
+    path = write(tmp_path, "c.yaml", "- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(Root, path)
+
+
+def test_missing_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(Root, tmp_path / "nope.yaml")
