@@ -1,0 +1,58 @@
+"""The SFT loss and the pure SFT train step.
+
+Loss = token-mean cross-entropy over target tokens (prompt masked, EOS trained, right padding),
+exactly HF's causal-LM loss over a batch. With gradient accumulation the mean is taken over the
+tokens of the whole global batch, not averaged per micro-batch, so accumulation changes nothing.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from reft_jax.model import llama
+from reft_jax.model.config import ModelConfig
+from reft_jax.train.state import (TrainState, accumulate_gradients, apply_gradients, cast_for_compute,
+                                   split_microbatches)
+
+
+def sequence_nll(params: Any, batch: dict[str, jax.Array], config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """(sum of target-token NLL, number of target tokens) for a right-padded batch."""
+    tokens, mask = batch["tokens"], batch["attention_mask"]
+    logits, _, _ = llama.forward(params, tokens, llama.positions_from_mask(mask), mask, config)
+    targets = jnp.roll(tokens, -1, axis=1)  # position t predicts t+1; the wrapped last column has weight 0
+    logp = llama.token_logprobs(logits, targets)
+    w = batch["loss_weights"].astype(jnp.float32)
+    return -(logp * w).sum(), w.sum()
+
+
+def make_sft_step(config: ModelConfig, tx: optax.GradientTransformation, grad_accum: int = 1,
+                  compute_dtype: str | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """`step(state, batch) -> (state, metrics)`; batch leaves are [global_batch, T].
+
+    The batch is split into `grad_accum` micro-batches (a `lax.scan`: activation memory of one)
+    and the loss is the token mean over the whole batch. `compute_dtype` casts params for the
+    forward only, so float32 master params stay in the state.
+    """
+
+    def loss_and_grad(params, mb):
+        def loss_sum(p):
+            p = cast_for_compute(p, compute_dtype) if compute_dtype else p
+            return sequence_nll(p, mb, config)
+
+        (nll, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
+        return nll, count, grads
+
+    def step(state: TrainState, batch: dict[str, jax.Array]):
+        loss, grads = accumulate_gradients(loss_and_grad, state.params, split_microbatches(batch, grad_accum))
+        new_state = apply_gradients(state, grads, tx)
+        metrics = {
+            "loss": loss,
+            "tokens": batch["loss_weights"].sum(),
+            "grad_norm": optax.global_norm(grads),
+        }
+        return new_state, metrics
+
+    return step
