@@ -212,6 +212,10 @@ class Checkpointer:
             return self._restore_first([int(step)], abstract_state, what=f"step {step}")
         return self._restore_first(steps, abstract_state, what="latest", move_aside=True)
 
+    def read_meta(self, step: int) -> dict:
+        """The JSON meta of one step without reading its arrays (e.g. to find an epoch's step)."""
+        return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def restore_best(self, abstract_state: Any) -> tuple[Any, dict] | None:
         """(state, meta) of the best usable step by `best_metric`; None when none has a metric."""
         return self._restore_first(self._ranked_steps(), abstract_state, what="best")

@@ -1,0 +1,202 @@
+"""Run machinery shared by every training phase (SFT, PPO, self-training, verifier).
+
+A run directory holds:
+  config.yaml          the resolved config of the run
+  model_config.json    the architecture (ModelConfig) of the params in the checkpoints
+  state_spec.json      how to rebuild the optimizer, so params can be read back from a TrainState
+  tokenizer/           the tokenizer (save_pretrained layout)
+  checkpoints/<step>/  Orbax TrainState + JSON meta
+  metrics.jsonl, tb/, plots/
+A later phase names a policy by `ModelSpec.path`: an HF directory, a GGUF file, or such a run
+directory (with `step` = latest | best | warmup | epoch:K | <int>).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Iterable
+
+import jax
+from jax.sharding import Mesh
+
+from reft_jax import config as config_lib
+from reft_jax.checkpoint import Checkpointer, abstract_like
+from reft_jax.model import llama
+from reft_jax.model.config import ModelConfig
+from reft_jax.train.state import OptimConfig, TrainState, make_optimizer
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """Where the policy comes from."""
+
+    path: str | None = None  # HF dir | .gguf | reft run dir; None = from scratch (`scratch`)
+    step: str = "latest"  # for reft run dirs: latest | best | warmup | epoch:K | <int>
+    scratch: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    tokenizer_vocab_size: int = 400  # tokenizer trained on the training corpus when from scratch
+    dtype: str | None = None  # compute dtype override
+    param_dtype: str | None = None
+    value_head_init: str = "torch_default"
+    remat: bool = False
+
+    def validate(self) -> None:
+        if self.path is not None and not os.path.exists(self.path):
+            raise config_lib.ConfigError(f"no such model file or directory: {self.path}", key="path",
+                                         value=self.path)
+        if self.step not in ("latest", "best", "warmup") and not self.step.startswith("epoch:") \
+                and not self.step.isdigit():
+            raise config_lib.ConfigError("must be latest, best, warmup, epoch:K or a step number",
+                                         key="step", value=self.step)
+
+    def overrides(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"value_head_init": self.value_head_init, "remat": self.remat}
+        if self.dtype:
+            out["dtype"] = self.dtype
+        if self.param_dtype:
+            out["param_dtype"] = self.param_dtype
+        return out
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Which dataset and how it is cut. Files default to the data directory's ReFT layout."""
+
+    dataset: str = "synthetic"  # gsm8k | svamp | mathqa | mathqa-numeric | synthetic
+    engine: str = "nl"  # nl (N-CoT) | python (P-CoT)
+    data_dir: str | None = None  # else $REFT_DATA_DIR
+    train_file: str | None = None  # explicit ReFT-format JSON overriding the dataset's train split
+    test_file: str | None = None
+    max_train_examples: int | None = None  # a prefix of the train set (quick runs)
+    max_test_examples: int | None = None
+    val_fraction: float = 0.0  # carve a validation split from train for model selection
+    max_len: int = 1024  # SFT: total tokens per example (head kept)
+    max_prompt_len: int = 300  # rollouts / evaluation: prompt tokens (head kept, as ReFT)
+    synthetic: dict[str, Any] = dataclasses.field(default_factory=dict)  # generator knobs
+
+    def validate(self) -> None:
+        if self.dataset not in ("gsm8k", "svamp", "mathqa", "mathqa-numeric", "synthetic"):
+            raise config_lib.ConfigError("unknown dataset", key="dataset", value=self.dataset)
+        if self.engine not in ("nl", "python"):
+            raise config_lib.ConfigError("must be nl or python", key="engine", value=self.engine)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise config_lib.ConfigError("must be in [0, 1)", key="val_fraction", value=self.val_fraction)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Per-epoch evaluation: greedy top-1 always, voting@k optionally."""
+
+    every_epochs: int = 1
+    batch_size: int = 8
+    max_new_tokens: int = 400
+    max_total_len: int | None = 1024  # ReFT caps prompt+completion (1024 SFT, 700 RL)
+    vote_k: int = 0  # 0 = no voting
+    vote_temperature: float = 1.0
+    vote_top_k: int = 50  # HF default, as ReFT's sampling runs
+    select_on: str = "test"  # metric split for the best checkpoint: test (as the paper) | val
+    timeout: float = 10.0  # seconds per program (P-CoT)
+
+    def validate(self) -> None:
+        if self.select_on not in ("test", "val"):
+            raise config_lib.ConfigError("must be test or val", key="select_on", value=self.select_on)
+        if self.every_epochs < 1:
+            raise config_lib.ConfigError("must be >= 1", key="every_epochs", value=self.every_epochs)
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    p = pathlib.Path(path)
+    return (p / "model_config.json").is_file() and (p / "checkpoints").is_dir()
+
+
+def save_run_artifacts(run_dir: pathlib.Path, model_config: ModelConfig, tokenizer: Any,
+                       optim: OptimConfig, total_steps: int, run_config: Any) -> None:
+    """Everything besides checkpoints that a later phase needs to use this run's params."""
+    if jax.process_index() != 0:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(model_config), indent=2))
+    (run_dir / "state_spec.json").write_text(json.dumps(
+        {"optim": dataclasses.asdict(optim), "total_steps": int(total_steps)}, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+    config_lib.save_config(run_config, run_dir / "config.yaml")
+
+
+def state_abstract(model_config: ModelConfig, optim: OptimConfig, total_steps: int, mesh: Mesh) -> Any:
+    """ShapeDtypeStructs (with target shardings) of the TrainState a run checkpoints."""
+    tx = make_optimizer(optim, total_steps)
+    p_abs = abstract_like(llama.param_shapes(model_config), llama.param_shardings(model_config, mesh))
+    create = jax.jit(lambda p: TrainState.create(p, tx, jax.random.key(0)))
+    shardings = create.lower(p_abs).compile().output_shardings
+    return abstract_like(jax.eval_shape(create, p_abs), shardings)
+
+
+def checkpoint_step(ckpt: Checkpointer, selector: str) -> int:
+    """Resolve latest | best | epoch:K | <int> to a step number of `ckpt`."""
+    steps = ckpt.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {ckpt.directory}")
+    if selector in ("latest", "warmup"):
+        return steps[-1]
+    if selector == "best":
+        best = ckpt.best_step()
+        if best is None:
+            raise FileNotFoundError(f"{ckpt.directory}: no checkpoint carries a metric, so none is best")
+        return best
+    if selector.startswith("epoch:"):
+        k = int(selector.split(":", 1)[1])
+        for s in steps:
+            meta = ckpt.read_meta(s)
+            if meta.get("epoch_end") == k:
+                return s
+        raise FileNotFoundError(f"{ckpt.directory}: no checkpoint at the end of epoch {k}")
+    step = int(selector)
+    if step not in steps:
+        raise FileNotFoundError(f"{ckpt.directory}: no step {step}; steps there: {steps}")
+    return step
+
+
+def load_run_params(run_dir: str | os.PathLike, selector: str, mesh: Mesh,
+                    **model_overrides: Any) -> tuple[ModelConfig, Any, Any, dict]:
+    """(model config, params placed on `mesh`, tokenizer, checkpoint meta) from a reft run."""
+    from reft_jax.model.tokenizer_io import load_tokenizer
+
+    run_dir = pathlib.Path(run_dir)
+    saved = json.loads((run_dir / "model_config.json").read_text())
+    model_config = ModelConfig(**{**saved, **model_overrides})
+    stored_config = ModelConfig(**saved)
+    spec = json.loads((run_dir / "state_spec.json").read_text())
+    optim = OptimConfig(**spec["optim"])
+    sub = "warmup" if selector == "warmup" else "checkpoints"
+    with Checkpointer(run_dir / sub, keep=None) as ckpt:
+        step = checkpoint_step(ckpt, selector)
+        abstract = state_abstract(stored_config, optim, spec["total_steps"], mesh)
+        restored = ckpt.restore(abstract, step=step)
+    if restored is None:
+        raise FileNotFoundError(f"{run_dir / sub}: step {step} could not be restored")
+    state, meta = restored
+    params = state.params
+    if model_config.param_dtype != stored_config.param_dtype:
+        params = jax.tree.map(lambda x: x.astype(model_config.param_dtype), params)
+    return model_config, params, load_tokenizer(run_dir / "tokenizer"), meta
+
+
+def build_policy(spec: ModelSpec, mesh: Mesh, seed: int = 0,
+                 corpus: Iterable[str] | None = None) -> tuple[ModelConfig, Any, Any]:
+    """(model config, params on `mesh`, tokenizer) for a ModelSpec."""
+    if spec.path is None:
+        from reft_jax.data.tokenizer import train_tokenizer
+
+        if corpus is None:
+            raise ValueError("a from-scratch model needs a corpus to train its tokenizer on")
+        tokenizer = train_tokenizer(list(corpus), spec.tokenizer_vocab_size)
+        cfg = dataclasses.replace(spec.scratch, vocab_size=len(tokenizer), **spec.overrides())
+        return cfg, llama.init_params_sharded(cfg, jax.random.key(seed), mesh), tokenizer
+    if is_run_dir(spec.path):
+        cfg, params, tok, _ = load_run_params(spec.path, spec.step, mesh, **spec.overrides())
+        return cfg, params, tok
+    from reft_jax.model.io import load_model
+
+    return load_model(spec.path, mesh, seed=seed, **spec.overrides())
