@@ -1,0 +1,134 @@
+"""ReFT's prompt and target strings, and their tokenisation (reference §2).
+
+The strings are the contract between SFT, rollouts and scoring; they are byte-identical to the
+official code. Tokenisation follows it too: prompt and target are tokenised separately (for
+SentencePiece tokenizers the target then gets its own leading "▁"), no BOS unless the tokenizer
+family needs one, one EOS appended and trained. Pad / EOS ids always come from the tokenizer
+(the official `main` hard-codes 1 / 2, which only fits Galactica and CodeLlama).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # numpy-backed; imported lazily so the reward path stays light
+    from reft_jax.data.batches import Encoded
+    from reft_jax.data.sources import Example
+
+INSTRUCTION = "Question:\n"
+COT_TRIGGER = "\nAnswer reasoning:\n"
+ANSWER_TRIGGER = "\nTherefore, the answer is: "
+ENGINES = ("nl", "python")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    """Prompt options (a config section)."""
+
+    # P-CoT rollout prefix ends `"""\n` (main branch) or `"""` (newer branch, "decide by tokenizer").
+    rollout_newline: bool = True
+    # None: prepend BOS only for tokenizer families that need it (Gemma); True/False: force.
+    add_bos: bool | None = None
+    # Prompt tokens kept for rollouts (ReFT: 300; the head is kept, as in the official code).
+    max_prompt_tokens: int = 300
+
+
+def check_engine(engine: str) -> str:
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    return engine
+
+
+def sft_prompt(question: str) -> str:
+    """`Question:\\n{q}\\nAnswer reasoning:\\n` (both engines; also the SFT-eval and verifier prefix)."""
+    return INSTRUCTION + question.strip() + COT_TRIGGER
+
+
+def sft_target(example: "Example", engine: str) -> str:
+    """The CoT; N-CoT gets ReFT's answer line appended. P-CoT: the whole program."""
+    check_engine(engine)
+    if example.answer_cot is None:
+        raise ValueError(f"{example.item_id}: no answer_cot (a test row?) to build a target from")
+    cot = example.answer_cot.strip()
+    if engine == "nl":
+        cot = cot + ANSWER_TRIGGER + example.answer_value.strip()
+    return cot
+
+
+def program_header(question: str, newline: bool = True) -> str:
+    """`def solution():\\n    \"\"\"{q}\"\"\"` (+ newline): the P-CoT rollout continues from here."""
+    return 'def solution():\n    """' + question + '"""' + ("\n" if newline else "")
+
+
+def rollout_prefix(question: str, engine: str, newline: bool = True) -> str:
+    """Generation prefix for ReFT / online self-training rollouts and sampling."""
+    check_engine(engine)
+    prefix = sft_prompt(question)
+    if engine == "python":
+        prefix += program_header(question.strip(), newline)
+    return prefix
+
+
+# --- tokenisation -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    pad: int
+    eos: int
+    bos: int | None
+
+
+def special_ids(tokenizer: Any) -> SpecialIds:
+    """Pad / EOS / BOS ids from the tokenizer. A tokenizer without a pad token pads with EOS
+    (batches carry explicit masks, so pad == eos is harmless)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no EOS token")
+    pad = tokenizer.pad_token_id
+    return SpecialIds(pad=eos if pad is None else pad, eos=eos, bos=tokenizer.bos_token_id)
+
+
+def needs_bos(tokenizer: Any) -> bool:
+    """Families trained to always see BOS first (ReFT's newer branch: Gemma)."""
+    names = f"{type(tokenizer).__name__} {getattr(tokenizer, 'name_or_path', '')}".lower()
+    return "gemma" in names and tokenizer.bos_token_id is not None
+
+
+def _bos(tokenizer: Any, add_bos: bool | None) -> list[int]:
+    want = needs_bos(tokenizer) if add_bos is None else add_bos
+    if want and tokenizer.bos_token_id is None:
+        raise ValueError("add_bos=True but the tokenizer has no BOS token")
+    return [tokenizer.bos_token_id] if want else []
+
+
+def tokenize(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text` with no special tokens added."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_sft(tokenizer: Any, example: "Example", engine: str, max_len: int,
+               add_bos: bool | None = None) -> "Encoded":
+    """[BOS?] + tok(prompt) + tok(target) + [EOS], truncated to `max_len` keeping the head.
+    `n_prompt` counts the masked (prompt) positions."""
+    from reft_jax.data.batches import Encoded
+    import numpy as np
+
+    prompt = _bos(tokenizer, add_bos) + tokenize(tokenizer, sft_prompt(example.question))
+    target = tokenize(tokenizer, sft_target(example, engine)) + [special_ids(tokenizer).eos]
+    ids = (prompt + target)[:max_len]
+    return Encoded(ids=np.asarray(ids, np.int32), n_prompt=min(len(prompt), len(ids)))
+
+
+def encode_prefix(tokenizer: Any, question: str, engine: str, max_len: int = 300,
+                  newline: bool = True, add_bos: bool | None = None) -> list[int]:
+    """Rollout prefix ids, truncated to `max_len` keeping the head (ReFT: a too-long prompt loses
+    its end, trigger included)."""
+    ids = _bos(tokenizer, add_bos) + tokenize(tokenizer, rollout_prefix(question, engine, newline))
+    return ids[:max_len]
+
+
+def encode_eval_prefix(tokenizer: Any, question: str, max_len: int = 1024,
+                       add_bos: bool | None = None) -> list[int]:
+    """SFT-evaluation / verifier prefix (no program header, both engines)."""
+    return (_bos(tokenizer, add_bos) + tokenize(tokenizer, sft_prompt(question)))[:max_len]
