@@ -78,16 +78,28 @@ class Example:
     answer_cot: str | None = None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class DataConfig:
-    """Which data a run uses (a config section: `data.dataset`, `data.data_dir`, ...)."""
+    """Which data a run uses and how it is cut (config section `data`). The one data config:
+    training, evaluation and sampling all read it."""
 
-    dataset: str = "gsm8k"
-    engine: str = "python"
+    dataset: str = "synthetic"  # gsm8k | svamp | mathqa | mathqa-numeric | synthetic
+    engine: str = "nl"  # nl (N-CoT) | python (P-CoT)
     data_dir: str | None = None  # None: $REFT_DATA_DIR
-    download: bool = True
+    download: bool = True  # fetch a missing public file (checksummed) into the cache
     source: str = "files"  # or "tfds" (gsm8k N-CoT only; extra [tfds])
     tfds_dir: str | None = None  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+    train_file: str | None = None  # explicit ReFT-format JSON overriding the dataset's train split
+    test_file: str | None = None
+    max_train_examples: int | None = None  # a prefix of the train set (quick runs)
+    max_test_examples: int | None = None
+    val_fraction: float = 0.0  # carve a validation split from train for model selection
+    max_len: int = 1024  # SFT: total tokens per example (head kept)
+    max_prompt_len: int = 300  # rollouts / evaluation: prompt tokens (head kept, as ReFT)
+    synthetic: dict = dataclasses.field(default_factory=dict)  # generator knobs (SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         if self.source not in ("files", "tfds"):
@@ -98,6 +110,8 @@ class DataConfig:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.engine not in ("nl", "python"):
             raise ValueError(f"engine must be 'nl' or 'python', got {self.engine!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 # --- the data directory ---------------------------------------------------------------------------

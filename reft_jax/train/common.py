@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from reft_jax import config as config_lib
 from reft_jax.checkpoint import Checkpointer, abstract_like
+from reft_jax.data.sources import DataConfig  # noqa: F401  (re-exported: the run configs' data section)
 from reft_jax.model import llama
 from reft_jax.model.config import ModelConfig
 from reft_jax.train.state import OptimConfig, TrainState, make_optimizer
@@ -57,31 +58,6 @@ class ModelSpec:
         if self.param_dtype:
             out["param_dtype"] = self.param_dtype
         return out
-
-
-@dataclasses.dataclass
-class DataConfig:
-    """Which dataset and how it is cut. Files default to the data directory's ReFT layout."""
-
-    dataset: str = "synthetic"  # gsm8k | svamp | mathqa | mathqa-numeric | synthetic
-    engine: str = "nl"  # nl (N-CoT) | python (P-CoT)
-    data_dir: str | None = None  # else $REFT_DATA_DIR
-    train_file: str | None = None  # explicit ReFT-format JSON overriding the dataset's train split
-    test_file: str | None = None
-    max_train_examples: int | None = None  # a prefix of the train set (quick runs)
-    max_test_examples: int | None = None
-    val_fraction: float = 0.0  # carve a validation split from train for model selection
-    max_len: int = 1024  # SFT: total tokens per example (head kept)
-    max_prompt_len: int = 300  # rollouts / evaluation: prompt tokens (head kept, as ReFT)
-    synthetic: dict[str, Any] = dataclasses.field(default_factory=dict)  # generator knobs
-
-    def validate(self) -> None:
-        if self.dataset not in ("gsm8k", "svamp", "mathqa", "mathqa-numeric", "synthetic"):
-            raise config_lib.ConfigError("unknown dataset", key="dataset", value=self.dataset)
-        if self.engine not in ("nl", "python"):
-            raise config_lib.ConfigError("must be nl or python", key="engine", value=self.engine)
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise config_lib.ConfigError("must be in [0, 1)", key="val_fraction", value=self.val_fraction)
 
 
 @dataclasses.dataclass
@@ -124,10 +100,15 @@ def save_run_artifacts(run_dir: pathlib.Path, model_config: ModelConfig, tokeniz
     config_lib.save_config(run_config, run_dir / "config.yaml")
 
 
-def state_abstract(model_config: ModelConfig, optim: OptimConfig, total_steps: int, mesh: Mesh) -> Any:
-    """ShapeDtypeStructs (with target shardings) of the TrainState a run checkpoints."""
+def state_abstract(model_config: ModelConfig, optim: OptimConfig, total_steps: int, mesh: Mesh,
+                   params_abstract: Any = None) -> Any:
+    """ShapeDtypeStructs (with target shardings) of the TrainState a run checkpoints.
+    `params_abstract` (ShapeDtypeStructs with shardings) replaces the policy's param tree for
+    runs that train another tree (the verifier's backbone + head)."""
     tx = make_optimizer(optim, total_steps)
-    p_abs = abstract_like(llama.param_shapes(model_config), llama.param_shardings(model_config, mesh))
+    p_abs = params_abstract
+    if p_abs is None:
+        p_abs = abstract_like(llama.param_shapes(model_config), llama.param_shardings(model_config, mesh))
     create = jax.jit(lambda p: TrainState.create(p, tx, jax.random.key(0)))
     shardings = create.lower(p_abs).compile().output_shardings
     return abstract_like(jax.eval_shape(create, p_abs), shardings)
