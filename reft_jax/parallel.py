@@ -154,5 +154,15 @@ def batch_divisor(mesh: Mesh) -> int:
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Place a host (numpy) batch tree onto the mesh, dim 0 split over the batch axes."""
-    return jax.tree.map(lambda x: jax.device_put(np.asarray(x), batch_sharding(mesh, np.ndim(x))), batch)
+    """Global arrays, dim 0 split over the batch axes, from this process's rows of the batch.
+
+    `batch` is a host (numpy) tree holding the rows `distributed.process_batch_slice(B, mesh)`
+    of the global batch: with one process that is the whole batch; in a multi-process job each
+    process passes only its own rows and the result is the [B, ...] global array. (Processes
+    that replicate the batch over a model axis pass the same rows.)
+    """
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+
+    return jax.tree.map(one, batch)

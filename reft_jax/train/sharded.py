@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import optax
 from jax.sharding import Mesh
 
 from reft_jax import parallel
+from reft_jax.train.state import TrainState
 
 
 def tree_shardings(tree: Any) -> Any:
@@ -35,6 +37,23 @@ def on_mesh(tree: Any, mesh: Mesh) -> Any:
 def place(tree: Any, mesh: Mesh) -> Any:
     """Put every leaf of a state tree onto the mesh (no-op for leaves already there)."""
     return jax.device_put(tree, on_mesh(tree, mesh))
+
+
+def state_shardings(params: Any, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """Shardings of `TrainState.create(params, tx, rng)`: every optimizer leaf shaped like a
+    param (AdamW's m and v) is sharded like that param, the rest replicated. (Left to XLA, the
+    zero-initialised moments come out replicated: 2x the params on every device.)"""
+    p_sh = on_mesh(params, mesh)
+    rep = parallel.replicated(mesh)
+    opt = jax.eval_shape(tx.init, params)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt, p_sh, transform_non_params=lambda _: rep)
+    return TrainState(params=p_sh, opt_state=opt_sh, step=rep, rng=rep)
+
+
+def create_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh) -> TrainState:
+    """`TrainState.create` on the mesh with the optimizer state sharded like the params."""
+    return jax.jit(lambda p, r: TrainState.create(p, tx, r),
+                   out_shardings=state_shardings(params, tx, mesh))(params, rng)
 
 
 def batch_shardings(batch: Any, mesh: Mesh) -> Any:
