@@ -169,6 +169,11 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
             problems.append(f"{dotted}: unknown key{_suggest(key, list(fields), prefix)}; "
                             f"valid keys here: {', '.join(fields)}")
             continue
+        base = _field_default(fields[key])
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(base) and not isinstance(base, type):
+            # A section given in part starts from the parent's default for it, not the section
+            # class's own defaults: `sft.run_dir=x` keeps the rest of the parent's `sft`.
+            value = _deep_merge(to_dict(base), value)
         try:
             kwargs[key] = _coerce(value, hints[key], dotted, problems)
         except _Bad as bad:
@@ -198,6 +203,14 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         problems.append(f"{where}: {err}")
         return None
     return obj
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def _type_name(tp: Any) -> str:

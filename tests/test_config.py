@@ -216,3 +216,23 @@ def test_yaml_top_level_must_be_a_mapping(tmp_path):
 def test_missing_yaml_file(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(Root, tmp_path / "nope.yaml")
+
+
+
+@dataclasses.dataclass
+class _Inner:
+    a: int = 1
+    b: int = 2
+
+
+@dataclasses.dataclass
+class _Outer:
+    inner: _Inner = dataclasses.field(default_factory=lambda: _Inner(a=10, b=20))
+
+
+def test_partial_section_keeps_parent_default_for_that_section():
+    """A parent whose field default differs from the section class's defaults keeps it when
+    YAML or overrides give only part of the section."""
+    cfg = load_config(_Outer, overrides=["inner.b=3"])
+    assert (cfg.inner.a, cfg.inner.b) == (10, 3)
+    assert load_config(_Outer).inner == _Inner(10, 20)
