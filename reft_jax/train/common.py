@@ -43,9 +43,6 @@ class ModelSpec:
     remat: bool = False
 
     def validate(self) -> None:
-        if self.path is not None and not os.path.exists(self.path):
-            raise config_lib.ConfigError(f"no such model file or directory: {self.path}", key="path",
-                                         value=self.path)
         if self.step not in ("latest", "best", "warmup") and not self.step.startswith("epoch:") \
                 and not self.step.isdigit():
             raise config_lib.ConfigError("must be latest, best, warmup, epoch:K or a step number",
@@ -109,9 +106,10 @@ def state_abstract(model_config: ModelConfig, optim: OptimConfig, total_steps: i
     p_abs = params_abstract
     if p_abs is None:
         p_abs = abstract_like(llama.param_shapes(model_config), llama.param_shardings(model_config, mesh))
-    create = jax.jit(lambda p: TrainState.create(p, tx, jax.random.key(0)))
-    shardings = create.lower(p_abs).compile().output_shardings
-    return abstract_like(jax.eval_shape(create, p_abs), shardings)
+    from reft_jax.train.sharded import state_shardings  # optimizer moments sharded like params
+
+    shape = jax.eval_shape(lambda p: TrainState.create(p, tx, jax.random.key(0)), p_abs)
+    return abstract_like(shape, state_shardings(p_abs, tx, mesh))
 
 
 def checkpoint_step(ckpt: Checkpointer, selector: str) -> int:
@@ -123,7 +121,9 @@ def checkpoint_step(ckpt: Checkpointer, selector: str) -> int:
         return steps[-1]
     if selector == "best":
         best = ckpt.best_step()
-        if best is None:
+        if best is None:  # a reader that does not know the metric's name: the run's own record
+            best = (ckpt.read_meta(steps[-1]).get("best") or {}).get("step")
+        if best is None or best not in steps:
             raise FileNotFoundError(f"{ckpt.directory}: no checkpoint carries a metric, so none is best")
         return best
     if selector.startswith("epoch:"):
@@ -167,6 +167,9 @@ def load_run_params(run_dir: str | os.PathLike, selector: str, mesh: Mesh,
 def build_policy(spec: ModelSpec, mesh: Mesh, seed: int = 0,
                  corpus: Iterable[str] | None = None) -> tuple[ModelConfig, Any, Any]:
     """(model config, params on `mesh`, tokenizer) for a ModelSpec."""
+    if spec.path is not None and not os.path.exists(spec.path):
+        # Checked here, not in validate(): configs may name runs that do not exist yet.
+        raise FileNotFoundError(f"model.path: no such model file or directory: {spec.path}")
     if spec.path is None:
         from reft_jax.data.tokenizer import train_tokenizer
 
