@@ -1,7 +1,7 @@
 """`reft generate`: load a model (HF directory or GGUF) and greedily continue a prompt.
 
-The decode here is a deliberately small greedy loop (prefill, then a jitted `lax.while_loop`
-over the KV cache); `reft_jax.sampling` replaces it once the full sampler lands.
+Decoding goes through the sampler's host API (`reft_jax.generation`). `greedy_fn` below is the
+original minimal greedy loop, kept as an independent reference for the importer's parity tests.
 """
 from __future__ import annotations
 
@@ -92,21 +92,17 @@ def run(args: argparse.Namespace) -> int:
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # BatchEncoding in v5
     else:
         ids = tokenizer(args.prompt)["input_ids"]
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
-    tokens, mask = left_pad([ids], tokenizer.pad_token_id or 0)
-    print(f"prompt: {len(ids)} tokens; generating up to {args.max_new_tokens} greedily", flush=True)
+    from reft_jax.generation import generate
+    from reft_jax.sampling import SampleConfig
 
+    print(f"prompt: {len(ids)} tokens; generating up to {args.max_new_tokens} greedily", flush=True)
     t0 = time.perf_counter()
-    compiled = greedy_fn(config, args.max_new_tokens).lower(params, tokens, mask, jnp.int32(eos)).compile()
-    print(f"compiled in {time.perf_counter() - t0:.1f} s", flush=True)
-    t0 = time.perf_counter()
-    out = np.asarray(compiled(params, tokens, mask, jnp.int32(eos)))[0]
+    result = generate(params, config, tokenizer, [ids], SampleConfig(max_new_tokens=args.max_new_tokens, greedy=True),
+                      jax.random.key(0), batch_size=1, progress=False)
     seconds = time.perf_counter() - t0
-    new = out.tolist()
-    if eos in new:
-        new = new[: new.index(eos) + 1]
+    new = result.completion_ids[0][0]
     print(f"generated {len(new)} tokens in {seconds:.2f} s ({len(new) / seconds:.1f} tok/s, "
-          f"prefill included)")
+          f"prefill and compilation included)")
     print("-" * 60)
-    print(tokenizer.decode(new, skip_special_tokens=True))
+    print(result.texts[0][0])
     return 0

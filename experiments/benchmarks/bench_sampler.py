@@ -1,0 +1,209 @@
+"""Sampler throughput on SmolLM2-135M against transformers' PyTorch `generate`, with rooflines.
+
+    .venv/bin/python experiments/benchmarks/bench_sampler.py               # full run (minutes on CPU)
+    .venv/bin/python experiments/benchmarks/bench_sampler.py --quick       # smoke run
+    .venv/bin/python experiments/benchmarks/bench_sampler.py --one-core    # both pinned to one core
+
+For each dtype and batch size: our `reft_jax.sampling.sample` (greedy, and pure sampling as in
+ReFT rollouts) and transformers' `generate` (greedy, same prompts, same number of new tokens,
+no early stop), on the same random prompts of `--prompt-len` tokens. Throughput counts new
+tokens, prefill included; compilation is reported apart. It is given per wall second and per
+CPU second of the process: on a shared machine the wall clock measures the other processes
+too, and multi-threaded runtimes suffer unequally (spinning OpenMP barriers); `--one-core`
+runs both single-threaded on one core, where CPU seconds measure the work itself.
+
+Roofline: the prefill's FLOPs at a large matmul's measured rate, plus per decode step the larger
+of (bytes it must read: weights in the compute dtype, the logits head, the average KV cache) /
+(copy bandwidth measured here) and (its FLOPs) / (matmul rate). "of bound" is the measured wall
+throughput over that bound. On a GPU the same code measures HBM bandwidth and the GPU's matmul
+rate. torch is a test/benchmark-only dependency.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+
+def _pin_one_core() -> None:
+    """Before jax/torch start their thread pools: both then size them to one core."""
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+
+
+if "--one-core" in sys.argv:
+    _pin_one_core()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _timed(fn) -> tuple[float, float]:
+    """(wall, process CPU) seconds of fn()."""
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def measure_bandwidth(nbytes: int = 1 << 29) -> tuple[float, float]:
+    """(JAX default device, NumPy host) copy bandwidth in GB/s, read + write counted. The JAX
+    copy is donated, so it rewrites one buffer instead of faulting in fresh pages."""
+    n = nbytes // 4
+    state = {"x": jnp.arange(n, dtype=jnp.float32)}
+    scale = jax.jit(lambda a: a * 1.0001, donate_argnums=0)
+
+    def once():
+        state["x"] = scale(state["x"])
+        state["x"].block_until_ready()
+
+    once()
+    dev = 2 * nbytes / min(_timed(once)[0] for _ in range(5)) / 1e9
+    h = np.arange(n, dtype=np.float32)
+    out = np.empty_like(h)
+    host = 2 * nbytes / min(_timed(lambda: np.copyto(out, h))[0] for _ in range(5)) / 1e9
+    return dev, host
+
+
+def measure_matmul(dtype: str, n: int = 2048) -> float:
+    """GFLOP/s of a large square matmul on the default device."""
+    x = jnp.ones((n, n), dtype)
+    mm = jax.jit(lambda a: a @ a)
+    mm(x).block_until_ready()
+    return 2 * n ** 3 / min(_timed(lambda: mm(x).block_until_ready())[0] for _ in range(3)) / 1e9
+
+
+def roofline(cfg, batch: int, prompt_len: int, new_tokens: int, bandwidth: float, peak: float
+             ) -> tuple[float, str]:
+    """(tok/s bound, what limits the decode) for prefill + new_tokens - 1 decode steps.
+
+    A decode step reads the layer weights in the compute dtype, the logits head (in the compute
+    dtype when stored so, else float32) and the KV cache at its average length."""
+    item = jnp.dtype(cfg.dtype).itemsize
+    d, v, layers = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
+    layer_params = cfg.num_params(include_value_head=False) - v * d * (1 if cfg.tie_word_embeddings else 2) - d
+    attn = 4 * layers * cfg.num_heads * cfg.head_dim  # FLOPs per (query, key) pair
+    head_item = item if cfg.param_dtype == cfg.dtype else 4
+    kv = 2 * layers * batch * (prompt_len + new_tokens / 2) * cfg.num_kv_heads * cfg.head_dim * item
+    step_bytes = layer_params * item + v * d * head_item + kv
+    step_flops = 2 * batch * (layer_params + v * d) + batch * attn * (prompt_len + new_tokens / 2)
+    prefill_flops = 2 * batch * prompt_len * layer_params + batch * attn * prompt_len ** 2 / 2 + 2 * batch * v * d
+    mem, comp = step_bytes / (bandwidth * 1e9), step_flops / (peak * 1e9)
+    seconds = prefill_flops / (peak * 1e9) + (new_tokens - 1) * max(mem, comp)
+    return batch * new_tokens / seconds, "memory" if mem > comp else "compute"
+
+
+def bench_ours(params, cfg, prompts: np.ndarray, new_tokens: int, greedy: bool, repeats: int):
+    """(compile seconds, best (wall, cpu) of the timed runs)."""
+    from reft_jax import sampling
+
+    config = sampling.SampleConfig(max_new_tokens=new_tokens, greedy=greedy)  # no EOS: full length
+    mask = np.ones(prompts.shape, bool)
+
+    def run(seed):
+        return lambda: sampling.sample(params, prompts, mask, jax.random.key(seed), cfg, config).tokens.block_until_ready()
+
+    first = _timed(run(0))[0]
+    times = [_timed(run(i + 1)) for i in range(repeats)]
+    best = min(times)
+    return first - best[0], best
+
+
+def bench_hf(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, float]:
+    import torch
+
+    ids = torch.from_numpy(prompts.astype(np.int64))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        model.generate(ids[:, :8], attention_mask=mask[:, :8], do_sample=False, max_new_tokens=2, pad_token_id=2)
+        return _timed(lambda: model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                                             min_new_tokens=new_tokens, pad_token_id=2))
+
+
+def load_hf(path, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype).eval()
+    return model
+
+
+def _load() -> str:
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "?"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: float32, batch 8, 16 new tokens")
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs of ours after the compiling one (best kept)")
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers")
+    parser.add_argument("--one-core", action="store_true", help="pin the process to one core (single-threaded)")
+    args = parser.parse_args()
+    if args.quick:
+        args.batches, args.dtypes, args.new_tokens, args.repeats = [8], ["float32"], 16, 1
+
+    from reft_jax.model.io import load_model, smollm2_gguf_path
+
+    if not args.no_hf:
+        import torch
+
+        if args.one_core:
+            torch.set_num_threads(1)
+    dev = jax.devices()[0]
+    threads = f"torch threads {torch.get_num_threads()}" if not args.no_hf else ""
+    print(f"device: {dev.platform} {dev.device_kind} x{len(jax.devices())}; host {platform.machine()}, "
+          f"{len(os.sched_getaffinity(0))} of {os.cpu_count()} CPUs usable; jax {jax.__version__}; {threads}")
+    print(f"load average at start: {_load()} (other processes skew wall-clock timings)")
+    bw_dev, bw_host = measure_bandwidth()
+    # on a CPU the device memory is host memory: the better of the two copies is what is achievable
+    bandwidth = max(bw_dev, bw_host) if dev.platform == "cpu" else bw_dev
+    print(f"memory bandwidth (copy, read+write): {bw_dev:.1f} GB/s via JAX on {dev.platform}, "
+          f"{bw_host:.1f} GB/s via NumPy; bound uses {bandwidth:.1f} GB/s")
+    path = smollm2_gguf_path()
+    rng = np.random.default_rng(0)
+    rows = []
+    for dtype in args.dtypes:
+        peak = measure_matmul(dtype)
+        print(f"{dtype} matmul 2048^3: {peak:.0f} GFLOP/s")
+        cfg, params, _ = load_model(path, dtype=dtype, param_dtype=dtype, with_tokenizer=False)
+        hf = None if args.no_hf else load_hf(path, dtype)
+        for batch in args.batches:
+            prompts = rng.integers(100, cfg.vocab_size - 100, (batch, args.prompt_len)).astype(np.int32)
+            tokens = batch * args.new_tokens
+            load = _load()
+            compile_g, ours_g = bench_ours(params, cfg, prompts, args.new_tokens, True, args.repeats)
+            _, ours_s = bench_ours(params, cfg, prompts, args.new_tokens, False, args.repeats)
+            hf_t = None if hf is None else bench_hf(hf, prompts, args.new_tokens)
+            bound, limit = roofline(cfg, batch, args.prompt_len, args.new_tokens, bandwidth, peak)
+            row = dict(dtype=dtype, batch=batch, g=tokens / ours_g[0], g_cpu=tokens / ours_g[1],
+                       s=tokens / ours_s[0], hf=None if hf_t is None else tokens / hf_t[0],
+                       hf_cpu=None if hf_t is None else tokens / hf_t[1], bound=bound, limit=limit,
+                       compile=compile_g, load=f"{load}-{_load()}")
+            rows.append(row)
+            print(f"  {dtype} batch {batch}: ours greedy {row['g']:.0f} tok/s ({row['g_cpu']:.0f}/CPU-s), "
+                  f"sampling {row['s']:.0f} tok/s"
+                  + ("" if hf_t is None else f"; transformers {row['hf']:.0f} tok/s ({row['hf_cpu']:.0f}/CPU-s)")
+                  + f"; roofline {bound:.0f} tok/s ({limit}-bound decode); load {row['load']}",
+                  flush=True)
+        del params, hf
+    print(f"\nSmolLM2-135M, {args.prompt_len}-token prompts, {args.new_tokens} new tokens, prefill included; "
+          f"tok/s per wall second (per CPU second)")
+    print(f"{'dtype':9} {'batch':>5} {'ours greedy':>14} {'ours sample':>11} {'HF greedy':>12} {'x wall':>6} "
+          f"{'x CPU':>6} {'roofline':>8} {'limit':>7} {'of bound':>8} {'compile':>7} {'load':>9}")
+    for r in rows:
+        hf_col = f"{r['hf']:5.0f} ({r['hf_cpu']:4.0f})" if r["hf"] is not None else f"{'-':>12}"
+        ratio = f"{r['g'] / r['hf']:6.2f} {r['g_cpu'] / r['hf_cpu']:6.2f}" if r["hf"] is not None else f"{'-':>6} {'-':>6}"
+        print(f"{r['dtype']:9} {r['batch']:5d} {r['g']:6.0f} ({r['g_cpu']:5.0f}) {r['s']:11.0f} {hf_col} {ratio} "
+              f"{r['bound']:8.0f} {r['limit']:>7} {r['g'] / r['bound']:8.0%} {r['compile']:6.1f}s "
+              f"{r['load']:>9}")
+    print(f"load average at end: {_load()}")
+
+
+if __name__ == "__main__":
+    main()
