@@ -17,3 +17,24 @@ def data_dir() -> pathlib.Path:
     if not path.is_dir():
         pytest.fail(f"REFT_DATA_DIR={path} does not exist; point it at the shared data folder")
     return path
+
+
+@pytest.fixture(scope="module")
+def persistent_compile_cache(tmp_path_factory):
+    """A module-wide on-disk JAX compilation cache: every run of a training loop builds fresh
+    jitted functions, so without it each run in a module compiles the same programs again.
+    Use with `pytestmark = pytest.mark.usefixtures("persistent_compile_cache")`."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {n: getattr(jax.config, n) for n in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()
+    yield
+    for n, v in saved.items():
+        jax.config.update(n, v)
+    compilation_cache.reset_cache()
