@@ -1,0 +1,191 @@
+"""Rollout -> rewards -> PPO batch: the host side of one PPO step, overlapped with the device.
+
+One step, in dispatch order (``->`` = asynchronous dispatch, ``[wait]`` = the host blocks)::
+
+    1. -> sample(policy, prefixes)                      device: prefill + decode loop
+    2. [wait] fetch tokens and lengths                  the host needs the text to score it
+    3. -> score_pass(policy, reference, rollout)        device: two full forwards (policy
+                                                        log-probs + values, reference log-probs)
+    4.    decode texts, extract answers / run the       host (and the sandbox worker processes)
+          programs in the sandbox pool                  while the device runs 3
+    5. -> assemble(scores) -> ppo_epochs x minibatch    device: GAE, whitening, updates
+          updates                                       (ppo.py)
+    6.    encode the next batch's prefixes, write       host while the device runs 5
+          logs                                          (ppo.py)
+
+The score pass needs no reward, which is what lets 3 and 4 overlap: on an accelerator the
+reference and policy forwards are hidden behind program execution (or the other way round);
+the timer's ``reward`` span is host work, ``score_wait`` what was left of 3 after it.
+Sampling cannot overlap the previous update: ReFT is on-policy, the rollout needs the updated
+params.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from reft_jax import parallel
+from reft_jax import sampling
+from reft_jax.data.batches import bucket_length, left_pad
+from reft_jax.data.prompts import encode_prefix
+from reft_jax.data.sources import Example
+from reft_jax.metrics import Timer
+from reft_jax.model.config import ModelConfig
+from reft_jax.reward import reward as reward_lib
+from reft_jax.reward.answers import completion_from_text
+from reft_jax.train import ppo_step
+from reft_jax.train.ppo_step import PPOStepConfig
+
+EXEC_STATUSES = ("ok", "error", "timeout", "rejected")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefixes:
+    """Left-padded rollout prefixes of one question batch (host arrays)."""
+
+    tokens: np.ndarray  # int32 [Q, P]
+    mask: np.ndarray  # bool [Q, P]
+    truncated: int  # prompts cut to max_prompt_len (ReFT keeps the head)
+
+
+def encode_prefixes(tokenizer: Any, questions: Sequence[str], engine: str, max_prompt_len: int,
+                    pad_id: int, bucket: int = 32) -> Prefixes:
+    """ReFT's rollout prefixes (P-CoT: with the ``def solution():`` header), each truncated to
+    ``max_prompt_len`` tokens keeping the head, left-padded to the longest rounded up to
+    ``bucket`` (few compiled shapes)."""
+    ids = [encode_prefix(tokenizer, q, engine, max_len=10**9) for q in questions]
+    truncated = sum(len(x) > max_prompt_len for x in ids)
+    ids = [x[:max_prompt_len] for x in ids]
+    width = bucket_length(max(len(x) for x in ids), bucket, max_prompt_len)
+    tokens, mask = left_pad(ids, width, pad_id)
+    return Prefixes(tokens, mask, truncated)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollout arrays
+# ----------------------------------------------------------------------------------------------
+def trim_rollout(tokens: np.ndarray, mask: np.ndarray, logprobs: np.ndarray, prompt_width: int,
+                 bucket: int, eos_id: int, pad_id: int) -> dict[str, np.ndarray]:
+    """The PPO rollout batch ``[R, L]`` from the sampler's ``[R, P + T]`` arrays.
+
+    ``L = P + (longest completion rounded up to `bucket`)``: ReFT pads to the longest sequence of
+    the batch; a bucket keeps the number of compiled score/update programs small.
+    ``mask_tokens`` are the tokens as the action mask must read them: an EOS id on every row's
+    last real token. For rows that ended with EOS this changes nothing; a row cut by the length
+    cap then gets its actions up to its last real token, which is ReFT's "no EOS: actions run
+    to the last column" now that the padded width can exceed the row (the forward passes keep
+    reading the real ``tokens``). ``sampler_logp`` is the sampler's per-token log-prob moved to
+    the action convention (column ``t`` emits ``t+1``).
+    """
+    P = prompt_width
+    lengths = mask[:, P:].sum(-1)
+    if (lengths < 1).any():
+        raise ValueError("a rollout row has no completion token (prompt longer than the length cap?)")
+    T = mask.shape[1] - P
+    L = P + min(T, bucket_length(int(lengths.max()), bucket, T))
+    tokens, mask = tokens[:, :L].copy(), mask[:, :L].copy()
+    tokens[:, P:][~mask[:, P:]] = pad_id
+    mask_tokens = tokens.copy()
+    mask_tokens[np.arange(len(tokens)), P + lengths - 1] = eos_id
+    logp = np.zeros(tokens.shape, np.float32)
+    logp[:, P - 1:L - 1] = logprobs[:, :L - P]
+    return {"tokens": tokens.astype(np.int32), "mask_tokens": mask_tokens.astype(np.int32),
+            "attention_mask": mask, "prompt_len": np.full((len(tokens),), P, np.int32), "sampler_logp": logp}
+
+
+def decode_texts(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+    """ReFT's scored text: decode the whole real sequence (prompt + completion) without special
+    tokens, strip, keep what follows the last CoT trigger, strip (reference §2)."""
+    seqs = [row[m].tolist() for row, m in zip(tokens, mask)]
+    return [completion_from_text(t) for t in tokenizer.batch_decode(seqs, skip_special_tokens=True)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewards:
+    """Host-side outcome of scoring one rollout batch."""
+
+    scores: np.ndarray  # float32 [R]: 1 / 0.1 / 0
+    correct: np.ndarray  # bool [R]
+    statuses: collections.Counter  # executor (P-CoT) or extraction (N-CoT) statuses
+    texts: list[str]
+
+
+def score_rollouts(texts: Sequence[str], examples: Sequence[Example], kind: str, engine: str,
+                   executor: Any, config: reward_lib.RewardConfig | None = None) -> Rewards:
+    """Rewards of the decoded texts (P-CoT programs run as one batch in the sandbox)."""
+    scored = reward_lib.score_completions(texts, [ex.answer_value for ex in examples], kind, engine,
+                                          executor, config)
+    return Rewards(np.asarray([s.reward for s in scored], np.float32),
+                   np.asarray([s.correct for s in scored], bool),
+                   collections.Counter(s.status for s in scored), list(texts))
+
+
+# ----------------------------------------------------------------------------------------------
+# One rollout, overlapped
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RolloutEngine:
+    """Everything a rollout needs besides params; built once per run."""
+
+    model_config: ModelConfig
+    sample_config: sampling.SampleConfig
+    step_config: PPOStepConfig
+    tokenizer: Any
+    mesh: Mesh
+    kind: str  # numeric | mcq
+    engine: str  # nl | python
+    executor: Any = None
+    reward_config: reward_lib.RewardConfig | None = None
+    length_bucket: int = 64
+    sync: bool = False  # block after every phase: exact per-phase device times, no overlap
+    _score: Callable | None = None
+
+    def __post_init__(self) -> None:
+        cfg, mc = self.step_config, self.model_config
+        self._score = jax.jit(lambda p, r, ro: ppo_step.score_pass(p, r, ro, mc, cfg))
+
+    def run(self, params: Any, ref_params: Any, prefixes: Prefixes, examples: Sequence[Example],
+            rng: jax.Array, timer: Timer) -> tuple[dict[str, jax.Array], dict[str, jax.Array], Rewards]:
+        """Sample, dispatch the score pass, score on the host meanwhile.
+
+        ``examples`` has one entry per prompt; with ``n`` samples per prompt the rows of prompt
+        ``i`` are ``i*n .. i*n+n-1`` (what the group advantage estimators expect).
+        Returns ``(rollout batch on device, score-pass outputs on device, rewards on host)``.
+        """
+        sc = self.sample_config
+        with timer("rollout"):
+            out = sampling.sample(params, prefixes.tokens, prefixes.mask, rng, self.model_config, sc,
+                                  mesh=self.mesh)
+            tokens, mask, logprobs = jax.device_get((out.tokens, out.mask, out.logprobs))
+            host = trim_rollout(tokens, mask, logprobs, prefixes.tokens.shape[1], self.length_bucket,
+                                sc.eos_ids[0], sc.pad_id)
+            if not self.step_config.sampler_logprobs:
+                del host["sampler_logp"]
+            batch = parallel.shard_batch(host, self.mesh)
+        with timer("score_dispatch" if not self.sync else "score") as span:
+            scored = self._score(params, ref_params, batch)
+            if self.sync:
+                span.block(scored)
+        with timer("reward"):
+            rows = [ex for ex in examples for _ in range(sc.n)]
+            texts = decode_texts(self.tokenizer, host["tokens"], host["attention_mask"])
+            rewards = score_rollouts(texts, rows, self.kind, self.engine, self.executor, self.reward_config)
+        if not self.sync:
+            with timer("score_wait") as span:
+                span.block(scored)
+        return batch, scored, rewards
+
+
+def status_counts(statuses: collections.Counter) -> dict[str, int]:
+    """Fixed-key counts of executor outcomes (zeros included, so every record has every key)."""
+    return {f"exec_{s}": int(statuses.get(s, 0)) for s in EXEC_STATUSES}
+
+
+def scores_on_mesh(scores: np.ndarray, mesh: Mesh) -> jax.Array:
+    return parallel.shard_batch(jnp.asarray(scores, jnp.float32), mesh)
