@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import math
 import pathlib
 import time
 from typing import Any, Callable
@@ -458,11 +456,11 @@ def _train(run: _Run, state: TrainState, meta: dict, stack: contextlib.ExitStack
     if not meta and cfg.eval_at_start and _evaluates(run, None):
         last_eval = _evaluate(run, state.params, 0, 0)
         history.append({"epoch": 0, **last_eval})
-    bar = stack.enter_context(progress(total=n_batches * cfg.epochs, initial=step, desc="ppo", unit="step"))
-    timer, done_here, last = Timer(), 0, {}
     positions = [(e, b) for e in range(epoch0, cfg.epochs) for b in range(batch0 if e == epoch0 else 0, n_batches)]
     if cfg.max_steps is not None:
         positions = positions[:cfg.max_steps]
+    bar = stack.enter_context(progress(total=step + len(positions), initial=step, desc="ppo", unit="step"))
+    timer, last = Timer(), {}
     prefixes = None
     for i, (epoch, bi) in enumerate(positions):
         examples = batches(epoch, bi)
