@@ -52,11 +52,12 @@ def _tiny_eval() -> EvalConfig:
 
 
 def _demo_sft() -> SFTConfig:
-    # Warm-up = the end of epoch 2 of a 4-epoch schedule (ReFT: epoch 2 of 40).
+    # Warm-up = the end of epoch 2 of a 6-epoch schedule (ReFT: epoch 2 of 40).
     return SFTConfig(
         run_dir="runs/demo/seed0/sft", seed=0, model=_tiny_model(), data=_synthetic_data(),
         optim=OptimConfig(lr=3e-3, schedule="linear_warmup_decay", warmup_ratio=0.1),
-        epochs=4, batch_size=32, bucket=16, warmup_epoch=2, keep=1, eval=_tiny_eval())
+        epochs=6, batch_size=32, bucket=16, warmup_epoch=2, keep=1,
+        eval=dataclasses.replace(_tiny_eval(), every_epochs=2))
 
 
 def _demo_ppo() -> PPOConfig:
@@ -65,7 +66,7 @@ def _demo_ppo() -> PPOConfig:
     return PPOConfig(
         run_dir="runs/demo/seed0/ppo", seed=0, model=ModelSpec(step="warmup"), data=_synthetic_data(),
         optim=OptimConfig(lr=3e-4, schedule="constant", warmup_ratio=0.0), eval=_tiny_eval(),
-        epochs=2, batch_questions=64, ppo_epochs=4, mini_batch_size=32, kl_coef=0.05, vf_coef=0.5,
+        epochs=3, batch_questions=64, ppo_epochs=4, mini_batch_size=32, kl_coef=0.05, vf_coef=0.5,
         value_head_init="zeros", max_total_len=144, max_new_tokens=48, prompt_bucket=96, length_bucket=48)
 
 
