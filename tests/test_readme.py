@@ -34,7 +34,7 @@ def readme_commands() -> list[list[str]]:
 def test_readme_names_the_two_setup_commands():
     text = README.read_text()
     assert "    scripts/setup.sh && .venv/bin/reft demo\n" in text
-    assert "    scripts/setup.sh && .venv/bin/python -m pytest -n 2\n" in text
+    assert "    scripts/setup.sh && .venv/bin/python -m pytest -n 2 -m \"not slow\"\n" in text
 
 
 def test_readme_workflow_commands_run(tmp_path, monkeypatch):
