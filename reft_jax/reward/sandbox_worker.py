@@ -363,6 +363,8 @@ def run_in_child(compiled, cfg: dict, modules: dict) -> tuple[dict, int | None]:
     reaps after, so the grandchild's exit overlaps the report."""
     r, w = os.pipe()
     start = time.monotonic()
+    # Forking is safe here: this worker is stdlib-only (never imports JAX) and was itself started
+    # by forkserver/spawn from the trainer, so the child inherits no JAX runtime threads.
     pid = os.fork()
     if pid == 0:
         os.close(r)
