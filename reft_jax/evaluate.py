@@ -94,7 +94,7 @@ def in_context_texts(tokenizer: Any, prompt_ids: Sequence[int], completions: Seq
     return out
 
 
-def _generate(params, model_config, tokenizer, prompts: list[str], sample_config, rng, batch_size: int,
+def generate_for_prefixes(params, model_config, tokenizer, prompts: list[str], sample_config, rng, batch_size: int,
               mesh, show_progress: bool, max_prompt_len: int | None) -> list[list[str]]:
     """Completion texts [prompt][sample], decoded in context (the seam tests replace)."""
     from reft_jax.generation import generate
@@ -116,7 +116,7 @@ def sample_configs(eval_cfg: Any, k: int) -> tuple[Any, Any]:
     return greedy, vote
 
 
-def _batch_size(requested: int, mesh: Any) -> int:
+def eval_batch_size(requested: int, mesh: Any) -> int:
     """Prompts per generation batch: rounded up to a multiple of the mesh's batch axes."""
     if mesh is None:
         return requested
@@ -141,8 +141,8 @@ def evaluate(params: Any, model_config: Any, tokenizer: Any, examples: Sequence[
     prefixes = [eval_prefix(ex.question, data_cfg.engine, prefix) for ex in examples]
     greedy_cfg, vote_cfg = sample_configs(eval_cfg, vote_k)
     greedy_rng, vote_rng = jax.random.split(rng)
-    batch = _batch_size(eval_cfg.batch_size, mesh)
-    generated = _generate(params, model_config, tokenizer, prefixes, greedy_cfg, greedy_rng, batch, mesh,
+    batch = eval_batch_size(eval_cfg.batch_size, mesh)
+    generated = generate_for_prefixes(params, model_config, tokenizer, prefixes, greedy_cfg, greedy_rng, batch, mesh,
                           show_progress, data_cfg.max_prompt_len)
     texts = [scored_text(p, g[0]) for p, g in zip(prefixes, generated)]
     scores = score_completions(texts, examples, data_cfg.dataset, data_cfg.engine, executor)
@@ -153,7 +153,7 @@ def evaluate(params: Any, model_config: Any, tokenizer: Any, examples: Sequence[
     metrics = {"accuracy": sum(s.correct for s in scores) / n,
                "mean_reward": sum(s.reward for s in scores) / n, "num_examples": len(examples)}
     if vote_k > 0:
-        samples = _generate(params, model_config, tokenizer, prefixes, vote_cfg, vote_rng, batch, mesh,
+        samples = generate_for_prefixes(params, model_config, tokenizer, prefixes, vote_cfg, vote_rng, batch, mesh,
                             show_progress, data_cfg.max_prompt_len)
         votes = _votes(prefixes, samples, examples, data_cfg, kind, executor)
         for record, vote in zip(records, votes):

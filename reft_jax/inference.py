@@ -135,8 +135,8 @@ def sample_sets(params: Any, model_config: Any, tokenizer: Any, examples: Sequen
     from reft_jax import evaluate as ev
 
     prefixes = [ev.eval_prefix(ex.question, data_cfg.engine, prefix) for ex in examples]
-    generated = ev._generate(params, model_config, tokenizer, prefixes, sample_config, rng,
-                             ev._batch_size(batch_size, mesh), mesh, show_progress, data_cfg.max_prompt_len)
+    generated = ev.generate_for_prefixes(params, model_config, tokenizer, prefixes, sample_config, rng,
+                             ev.eval_batch_size(batch_size, mesh), mesh, show_progress, data_cfg.max_prompt_len)
     texts = [[ev.scored_text(p, g) for g in gs] for p, gs in zip(prefixes, generated)]
     return scored_sets(examples, texts, lambda t, rows: ev.score_completions(t, rows, data_cfg.dataset,
                                                                               data_cfg.engine, executor))

@@ -68,7 +68,7 @@ def test_evaluate_aggregates_greedy_votes_and_pass(monkeypatch):
             out.append([f"x\nTherefore, the answer is: {p}" for p in picks])
         return out
 
-    monkeypatch.setattr(ev, "_generate", fake_generate)
+    monkeypatch.setattr(ev, "generate_for_prefixes", fake_generate)
     result = ev.evaluate(None, None, None, rows, DataConfig(dataset="synthetic", engine="nl"),
                          EvalConfig(max_new_tokens=16), jax.random.key(0), None, vote_k=3)
     m = result["metrics"]

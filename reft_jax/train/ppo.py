@@ -47,7 +47,7 @@ from reft_jax.train import ppo_math, ppo_step, sharded
 from reft_jax.train.common import (DataConfig, EvalConfig, ModelSpec, build_policy, save_run_artifacts,
                                    state_abstract)
 from reft_jax.train.rollout import RolloutEngine, encode_prefixes, scores_on_mesh, status_counts
-from reft_jax.train.sft import (NAN_POLICIES, Splits, TrainingDiverged, _all_finite, _config_drift, _saved_policy,
+from reft_jax.train.sft import (NAN_POLICIES, Splits, TrainingDiverged, all_finite, config_drift, saved_policy,
                                 build_mesh, load_examples, tokenizer_corpus)
 from reft_jax.train.state import OptimConfig, TrainState, make_optimizer
 
@@ -266,7 +266,7 @@ def _setup(cfg: PPOConfig, stack: contextlib.ExitStack) -> tuple[_Run, TrainStat
     ref_params = ppo_step.make_reference(init_params, cfg.ref_dtype)
     restored = None
     if ckpt.all_steps():
-        model_config, tokenizer = _saved_policy(run_dir)
+        model_config, tokenizer = saved_policy(run_dir)
         restored = ckpt.restore(state_abstract(model_config, cfg.optim, total_updates, mesh))
     if restored is None:
         params = ppo_step.zero_value_head(init_params) if cfg.value_head_init == "zeros" else init_params
@@ -275,7 +275,7 @@ def _setup(cfg: PPOConfig, stack: contextlib.ExitStack) -> tuple[_Run, TrainStat
         meta: dict = {}
     else:
         state, meta = restored
-        drift = _config_drift(meta.get("config", {}), config_lib.to_dict(cfg))
+        drift = config_drift(meta.get("config", {}), config_lib.to_dict(cfg))
         print(f"[ppo] resuming {run_dir} at step {meta['step']} (epoch {meta['epoch'] + 1}, batch "
               f"{meta['batch']})" + ("; config changed: " + "; ".join(drift) if drift else ""), flush=True)
     del init_params
@@ -493,7 +493,7 @@ def _train(run: _Run, state: TrainState, meta: dict, stack: contextlib.ExitStack
             metric = last_eval.get(run.best_name)
             if metric is not None and (best is None or metric > best["value"]):
                 best = {"name": run.best_name, "value": metric, "epoch": epoch + 1, "step": step}
-        if not bool(_all_finite(state.params)):  # a finite loss does not prove finite params
+        if not bool(all_finite(state.params)):  # a finite loss does not prove finite params
             _diverged(run, "non-finite params after", step, epoch, bi, saved)
         meta = {"step": step, "epoch": epoch + 1 if end else epoch, "batch": 0 if end else bi + 1,
                 "epoch_end": epoch + 1 if end else None, "best": best, "eval": last_eval,

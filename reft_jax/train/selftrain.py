@@ -284,7 +284,7 @@ class _Online:
 
 
 def _setup_online(cfg: OnlineConfig, stack: contextlib.ExitStack) -> tuple[_Online, TrainState, dict]:
-    from reft_jax.train.sft import _saved_policy, build_mesh, load_examples, tokenizer_corpus
+    from reft_jax.train.sft import saved_policy, build_mesh, load_examples, tokenizer_corpus
 
     run_dir = pathlib.Path(cfg.run_dir)
     mesh = build_mesh(cfg.mesh)
@@ -303,7 +303,7 @@ def _setup_online(cfg: OnlineConfig, stack: contextlib.ExitStack) -> tuple[_Onli
                                             clean_partial=True))
     restored = None
     if ckpt.all_steps():
-        model_config, tokenizer = _saved_policy(run_dir)
+        model_config, tokenizer = saved_policy(run_dir)
         restored = ckpt.restore(state_abstract(model_config, cfg.optim, total, mesh))
     if restored is None:
         corpus = tokenizer_corpus(splits.train, cfg.data.engine) if cfg.model.path is None else None

@@ -205,7 +205,7 @@ def _fresh_state(cfg: SFTConfig, mesh: Mesh, train: list[Example], tx) -> tuple[
     return model_config, tokenizer, sharded.create_state(params, tx, jax.random.key(cfg.seed), mesh)
 
 
-def _saved_policy(run_dir: pathlib.Path) -> tuple[ModelConfig, Any]:
+def saved_policy(run_dir: pathlib.Path) -> tuple[ModelConfig, Any]:
     """Model config and tokenizer of an existing run (a resumed run never rebuilds them)."""
     from reft_jax.model.tokenizer_io import load_tokenizer
 
@@ -213,13 +213,13 @@ def _saved_policy(run_dir: pathlib.Path) -> tuple[ModelConfig, Any]:
     return ModelConfig(**saved), load_tokenizer(run_dir / "tokenizer")
 
 
-def _config_drift(saved: dict, current: dict, prefix: str = "") -> list[str]:
+def config_drift(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose value differs between a checkpoint's config and this run's."""
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_drift(a, b, f"{prefix}{key}.")
+            out += config_drift(a, b, f"{prefix}{key}.")
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
@@ -241,7 +241,7 @@ class _Pending:
 
 
 @jax.jit
-def _all_finite(tree: Any) -> jax.Array:
+def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
@@ -265,7 +265,7 @@ class _StepLog:
     def check_params(self, params: Any, item: _Pending) -> None:
         """A finite loss does not prove finite params (the update after it may overflow):
         checked before every checkpoint, so no NaN state is ever saved."""
-        if not bool(_all_finite(params)):
+        if not bool(all_finite(params)):
             self.diverged("non-finite params after", item)
 
     def restart_clock(self) -> None:
@@ -393,7 +393,7 @@ def _setup(cfg: SFTConfig, stack: contextlib.ExitStack, extra_train: Sequence[Ex
                                             clean_partial=True))
     restored = None
     if ckpt.all_steps():  # the run's own model config and tokenizer: never rebuilt on resume
-        model_config, tokenizer = _saved_policy(run_dir)
+        model_config, tokenizer = saved_policy(run_dir)
         restored = ckpt.restore(state_abstract(model_config, cfg.optim, total_steps, mesh))
     if restored is None:
         model_config, tokenizer, state = _fresh_state(cfg, mesh, splits.train, tx)
@@ -401,7 +401,7 @@ def _setup(cfg: SFTConfig, stack: contextlib.ExitStack, extra_train: Sequence[Ex
         meta: dict = {}
     else:
         state, meta = restored
-        drift = _config_drift(meta.get("config", {}), config_lib.to_dict(cfg))
+        drift = config_drift(meta.get("config", {}), config_lib.to_dict(cfg))
         print(f"[sft] resuming {run_dir} at step {meta['step']} (epoch {meta['epoch'] + 1}, batch "
               f"{meta['batch']})" + ("; config changed: " + "; ".join(drift) if drift else ""), flush=True)
 

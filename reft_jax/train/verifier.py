@@ -364,7 +364,7 @@ def _eval_record(verifier: Verifier, sets, kind: str, cfg: VerifierConfig, epoch
 
 def train_verifier(cfg: VerifierConfig) -> dict[str, Any]:
     """Train (or continue, at epoch granularity) the verifier of `cfg.run_dir`."""
-    from reft_jax.train.sft import _saved_policy, build_mesh, check_batch
+    from reft_jax.train.sft import saved_policy, build_mesh, check_batch
 
     cfg.validate()
     run_dir = pathlib.Path(cfg.run_dir)
@@ -385,7 +385,7 @@ def train_verifier(cfg: VerifierConfig) -> dict[str, Any]:
                                                 clean_partial=True))
         restored = None
         if ckpt.all_steps():
-            model_config, tokenizer = _saved_policy(run_dir)
+            model_config, tokenizer = saved_policy(run_dir)
             restored = ckpt.restore(_state_abstract(model_config, cfg.optim, total_steps, mesh))
         if restored is None:
             corpus = [INSTRUCTION + p.question + COT_TRIGGER + p.completion for p in pairs] \
