@@ -15,7 +15,9 @@ runs both single-threaded on one core, where CPU seconds measure the work itself
 Roofline: the prefill's FLOPs at a large matmul's measured rate, plus per decode step the larger
 of (bytes it must read: weights in the compute dtype, the logits head, the average KV cache) /
 (copy bandwidth measured here) and (its FLOPs) / (matmul rate). "of bound" is the measured wall
-throughput over that bound. On a GPU the same code measures HBM bandwidth and the GPU's matmul
+throughput over that bound. "dot bound" is the same bound with the decode's FLOPs at the rate
+XLA's dots reach at the decode's own shape (a chain of [batch, hidden] x [hidden, 2 * mlp]
+products), the ceiling for any decode loop built on XLA's dots. On a GPU the same code measures HBM bandwidth and the GPU's matmul
 rate. torch is a test/benchmark-only dependency.
 """
 from __future__ import annotations
@@ -74,12 +76,31 @@ def measure_matmul(dtype: str, n: int = 2048) -> float:
     return 2 * n ** 3 / min(_timed(lambda: mm(x).block_until_ready())[0] for _ in range(3)) / 1e9
 
 
-def roofline(cfg, batch: int, prompt_len: int, new_tokens: int, bandwidth: float, peak: float
-             ) -> tuple[float, str]:
+def measure_decode_matmul(dtype: str, rows: int, d: int, f: int, layers: int = 30) -> float:
+    """GFLOP/s of XLA's dots at a decode step's own shape: a chain of `layers` [rows, d] x [d, 2f]
+    products (distinct weights, so each is read from memory as in a step). At 8-32 rows this is
+    well below the large-matmul rate; it bounds what any decode built on XLA's dots can reach."""
+    ws = [jnp.full((d, 2 * f), 1e-3, dtype) for _ in range(layers)]
+    x = jnp.ones((rows, d), dtype)
+
+    @jax.jit
+    def chain(ws, x):
+        for w in ws:
+            x = (x @ w)[:, :d]
+        return x
+
+    chain(ws, x).block_until_ready()
+    best = min(_timed(lambda: chain(ws, x).block_until_ready())[0] for _ in range(5))
+    return 2 * rows * d * 2 * f * layers / best / 1e9
+
+
+def roofline(cfg, batch: int, prompt_len: int, new_tokens: int, bandwidth: float, peak: float,
+             decode_rate: float | None = None) -> tuple[float, str]:
     """(tok/s bound, what limits the decode) for prefill + new_tokens - 1 decode steps.
 
     A decode step reads the layer weights in the compute dtype, the logits head (in the compute
-    dtype when stored so, else float32) and the KV cache at its average length."""
+    dtype when stored so, else float32) and the KV cache at its average length. Its FLOPs run at
+    `decode_rate` GFLOP/s (default: the large-matmul `peak`, as the prefill's)."""
     item = jnp.dtype(cfg.dtype).itemsize
     d, v, layers = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
     layer_params = cfg.num_params(include_value_head=False) - v * d * (1 if cfg.tie_word_embeddings else 2) - d
@@ -89,7 +110,7 @@ def roofline(cfg, batch: int, prompt_len: int, new_tokens: int, bandwidth: float
     step_bytes = layer_params * item + v * d * head_item + kv
     step_flops = 2 * batch * (layer_params + v * d) + batch * attn * (prompt_len + new_tokens / 2)
     prefill_flops = 2 * batch * prompt_len * layer_params + batch * attn * prompt_len ** 2 / 2 + 2 * batch * v * d
-    mem, comp = step_bytes / (bandwidth * 1e9), step_flops / (peak * 1e9)
+    mem, comp = step_bytes / (bandwidth * 1e9), step_flops / ((decode_rate or peak) * 1e9)
     seconds = prefill_flops / (peak * 1e9) + (new_tokens - 1) * max(mem, comp)
     return batch * new_tokens / seconds, "memory" if mem > comp else "compute"
 
@@ -181,26 +202,30 @@ def main() -> None:
             _, ours_s = bench_ours(params, cfg, prompts, args.new_tokens, False, args.repeats)
             hf_t = None if hf is None else bench_hf(hf, prompts, args.new_tokens)
             bound, limit = roofline(cfg, batch, args.prompt_len, args.new_tokens, bandwidth, peak)
+            # the same bound with the decode's FLOPs at the rate XLA's dots reach at its shape
+            rate = measure_decode_matmul(dtype, batch, cfg.hidden_size, cfg.intermediate_size)
+            dot_bound, _ = roofline(cfg, batch, args.prompt_len, args.new_tokens, bandwidth, peak, rate)
             row = dict(dtype=dtype, batch=batch, g=tokens / ours_g[0], g_cpu=tokens / ours_g[1],
                        s=tokens / ours_s[0], hf=None if hf_t is None else tokens / hf_t[0],
                        hf_cpu=None if hf_t is None else tokens / hf_t[1], bound=bound, limit=limit,
-                       compile=compile_g, load=f"{load}-{_load()}")
+                       rate=rate, dot_bound=dot_bound, compile=compile_g, load=f"{load}-{_load()}")
             rows.append(row)
             print(f"  {dtype} batch {batch}: ours greedy {row['g']:.0f} tok/s ({row['g_cpu']:.0f}/CPU-s), "
                   f"sampling {row['s']:.0f} tok/s"
                   + ("" if hf_t is None else f"; transformers {row['hf']:.0f} tok/s ({row['hf_cpu']:.0f}/CPU-s)")
-                  + f"; roofline {bound:.0f} tok/s ({limit}-bound decode); load {row['load']}",
+                  + f"; roofline {bound:.0f} tok/s ({limit}-bound decode); XLA dots at {batch} rows "
+                  f"{rate:.0f} GFLOP/s, bound at that rate {dot_bound:.0f} tok/s; load {row['load']}",
                   flush=True)
         del params, hf
     print(f"\nSmolLM2-135M, {args.prompt_len}-token prompts, {args.new_tokens} new tokens, prefill included; "
           f"tok/s per wall second (per CPU second)")
     print(f"{'dtype':9} {'batch':>5} {'ours greedy':>14} {'ours sample':>11} {'HF greedy':>12} {'x wall':>6} "
-          f"{'x CPU':>6} {'roofline':>8} {'limit':>7} {'of bound':>8} {'compile':>7} {'load':>9}")
+          f"{'x CPU':>6} {'roofline':>8} {'limit':>7} {'of bound':>8} {'dot bound':>9} {'of it':>6} {'compile':>7} {'load':>9}")
     for r in rows:
         hf_col = f"{r['hf']:5.0f} ({r['hf_cpu']:4.0f})" if r["hf"] is not None else f"{'-':>12}"
         ratio = f"{r['g'] / r['hf']:6.2f} {r['g_cpu'] / r['hf_cpu']:6.2f}" if r["hf"] is not None else f"{'-':>6} {'-':>6}"
         print(f"{r['dtype']:9} {r['batch']:5d} {r['g']:6.0f} ({r['g_cpu']:5.0f}) {r['s']:11.0f} {hf_col} {ratio} "
-              f"{r['bound']:8.0f} {r['limit']:>7} {r['g'] / r['bound']:8.0%} {r['compile']:6.1f}s "
+              f"{r['bound']:8.0f} {r['limit']:>7} {r['g'] / r['bound']:8.0%} {r['dot_bound']:9.0f} {r['g'] / r['dot_bound']:6.0%} {r['compile']:6.1f}s "
               f"{r['load']:>9}")
     print(f"load average at end: {_load()}")
 
