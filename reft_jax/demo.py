@@ -62,12 +62,15 @@ def _demo_sft() -> SFTConfig:
 
 def _demo_ppo() -> PPOConfig:
     # ReFT's recipe with a learning rate, value-loss weight and update count a from-scratch model
-    # of 1M parameters needs (ReFT: 3e-7, vf_coef 5, 2 PPO epochs over the whole batch).
+    # of 1M parameters needs (ReFT: 3e-7, vf_coef 5, 2 PPO epochs over the whole batch). Measured
+    # on seed 0: lr 3e-4 collapses held-out accuracy in epoch 3 (9.5 -> 2%), 1e-4 stays stable;
+    # 4 samples per question (32 questions a step) did not help. Prompts (~30 tokens) are padded
+    # to a multiple of 16, not to the 96-token cap: PPO ran 1.6x faster.
     return PPOConfig(
         run_dir="runs/demo/seed0/ppo", seed=0, model=ModelSpec(step="warmup"), data=_synthetic_data(),
-        optim=OptimConfig(lr=3e-4, schedule="constant", warmup_ratio=0.0), eval=_tiny_eval(),
+        optim=OptimConfig(lr=1e-4, schedule="constant", warmup_ratio=0.0), eval=_tiny_eval(),
         epochs=3, batch_questions=64, ppo_epochs=4, mini_batch_size=32, kl_coef=0.05, vf_coef=0.5,
-        value_head_init="zeros", max_total_len=144, max_new_tokens=48, prompt_bucket=96, length_bucket=48)
+        value_head_init="zeros", max_total_len=144, max_new_tokens=48, prompt_bucket=16, length_bucket=48)
 
 
 @dataclasses.dataclass

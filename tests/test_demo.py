@@ -1,6 +1,8 @@
 """`reft demo` end to end, shortened: SFT -> PPO -> evaluation -> table, plots and run directory."""
 import json
 
+import pytest
+
 from reft_jax import cli
 
 
@@ -25,3 +27,29 @@ def test_shortened_demo_writes_table_plots_and_runs(tmp_path, capsys):
         assert (run_dir / "seed0" / phase / "config.yaml").is_file()
         assert list((run_dir / "seed0" / phase / "plots").glob("*.png"))
     assert (run_dir / "seed0" / "sft" / "warmup").is_dir()
+
+
+@pytest.mark.slow
+def test_demo_on_a_real_model_and_dataset(tmp_path, capsys):
+    """`reft demo --model GGUF --dataset svamp --cot python`: the same pipeline on SmolLM2-135M and
+    SVAMP P-CoT with the real sandbox, cut to a few questions (CPU minutes)."""
+    from reft_jax.model.io import smollm2_gguf_path
+
+    run_dir = tmp_path / "demo"
+    rc = cli.main(["demo", "--model", str(smollm2_gguf_path()), "--dataset", "svamp", "--cot", "python",
+                   "--run-dir", str(run_dir), "sft.epochs=2", "sft.warmup_epoch=1", "sft.eval.every_epochs=2",
+                   "sft.data.max_train_examples=8", "sft.data.max_test_examples=8", "sft.data.max_len=256",
+                   "sft.eval.max_new_tokens=48", "sft.eval.max_total_len=256", "ppo.epochs=1",
+                   "ppo.max_new_tokens=48", "ppo.max_total_len=256", "ppo.length_bucket=48", "vote_k=0"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "SFT" in out and "ReFT" in out
+    result = json.loads((run_dir / "summary.json").read_text())["results"]["0"]
+    for policy in ("SFT", "warm-up", "ReFT"):
+        assert 0.0 <= result[policy]["accuracy"] <= 1.0
+        assert result[policy]["num_examples"] == 8
+    sft_cfg = (run_dir / "seed0" / "sft" / "config.yaml").read_text()
+    assert "svamp" in sft_cfg and "python" in sft_cfg
+    # the program sandbox scored the PPO rollouts
+    rec = [json.loads(line) for line in (run_dir / "seed0" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/exec_timeout" in r for r in rec)
