@@ -268,7 +268,7 @@ def load_sample_sets(path: str | os.PathLike, data: Any, split: str, stack: cont
     """Sample sets of a file; questions / gold answers missing from it come from the dataset's
     `split`, predictions missing from it are scored (P-CoT in a sandbox started on demand)."""
     from reft_jax import evaluate as ev
-    from reft_jax.train.sft import load_split
+    from reft_jax.data.sources import load_config_dataset
 
     executor: list[Any] = []
 
@@ -279,7 +279,7 @@ def load_sample_sets(path: str | os.PathLike, data: Any, split: str, stack: cont
             executor.append(stack.enter_context(ProgramExecutor(SandboxConfig(timeout=timeout))))
         return ev.score_completions(completions, rows, data.dataset, data.engine, executor[0] if executor else None)
 
-    return read_sample_file(path, lambda: load_split(data, split), score)
+    return read_sample_file(path, lambda: load_config_dataset(data, split), score)
 
 
 def write_sample_file(path: str | os.PathLike, sets: Sequence[SampleSet]) -> pathlib.Path:

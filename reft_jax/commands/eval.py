@@ -67,11 +67,10 @@ def _examples(args: argparse.Namespace) -> tuple[str, list]:
         import yaml
 
         from reft_jax.data.sources import DataConfig
-        from reft_jax.train.sft import load_split
 
         saved = (yaml.safe_load((pathlib.Path(args.checkpoint) / "config.yaml").read_text()) or {}).get("data", {})
         name = "synthetic"
-        rows = load_split(DataConfig(dataset="synthetic", engine=args.engine,
+        rows = sources.load_config_dataset(DataConfig(dataset="synthetic", engine=args.engine,
                                      synthetic=saved.get("synthetic") or {}), "test")
     else:
         name = args.dataset

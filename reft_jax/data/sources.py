@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 import urllib.request
+from typing import Any
 
 from reft_jax.reward.answers import MCQ, answer_kind, normalize_mcq
 
@@ -366,9 +367,32 @@ def load_dataset(name: str, split: str, engine: str, data_dir: str | os.PathLike
     return rows
 
 
+def _tuples(x: Any) -> Any:
+    """YAML lists -> tuples (the synthetic generator's config is frozen and hashes its pairs)."""
+    if isinstance(x, (list, tuple)):
+        return tuple(_tuples(v) for v in x)
+    return x
+
+
 def load_config_dataset(cfg: DataConfig, split: str) -> list[Example]:
-    """`load_dataset` for a DataConfig (either source)."""
+    """The rows of one split as a DataConfig names them: an explicit file (`train_file` /
+    `test_file`), the synthetic generator (with the `synthetic` knobs), TFDS GSM8K
+    (`source: tfds`), or a named dataset from the data directory (downloaded when allowed).
+    Every trainer, evaluator and command loads data through here."""
     cfg.validate()
+    explicit = cfg.train_file if split == "train" else cfg.test_file
+    if explicit:
+        return load_reft_json(explicit)
+    if cfg.dataset == "synthetic":
+        from reft_jax import config as config_lib
+        from reft_jax.data.synthetic import SyntheticConfig, generate
+
+        try:
+            synthetic = SyntheticConfig(**{k: _tuples(v) for k, v in cfg.synthetic.items()})
+            synthetic.validate()
+        except (TypeError, ValueError) as err:  # an unknown knob or a bad range: name the section
+            raise config_lib.ConfigError(str(err), key="data.synthetic") from None
+        return generate(synthetic, split, cfg.engine)
     if cfg.source == "tfds":
         from reft_jax.data.tfds_source import load_tfds_gsm8k
 

@@ -102,33 +102,6 @@ class Splits:
     test: list[Example]
 
 
-def _tuples(x: Any) -> Any:
-    """YAML lists -> tuples (the synthetic generator's config is frozen and hashes its pairs)."""
-    if isinstance(x, (list, tuple)):
-        return tuple(_tuples(v) for v in x)
-    return x
-
-
-def load_split(data: DataConfig, split: str) -> list[Example]:
-    """Rows of one split: an explicit file, the synthetic generator (with `data.synthetic`
-    knobs) or a named dataset from the data directory."""
-    from reft_jax.data import sources
-
-    explicit = data.train_file if split == "train" else data.test_file
-    if explicit:
-        return sources.load_reft_json(explicit)
-    if data.dataset == "synthetic":
-        from reft_jax.data.synthetic import SyntheticConfig, generate
-
-        try:
-            synthetic = SyntheticConfig(**{k: _tuples(v) for k, v in data.synthetic.items()})
-            synthetic.validate()
-        except (TypeError, ValueError) as err:  # an unknown knob or a bad range: name the section
-            raise config_lib.ConfigError(str(err), key="data.synthetic") from None
-        return generate(synthetic, split, data.engine)
-    return sources.load_dataset(data.dataset, split, data.engine, data.data_dir)
-
-
 def split_validation(rows: Sequence[Example], fraction: float, seed: int) -> tuple[list, list]:
     """(train, val): a seeded random `fraction` of the rows held out, both in file order."""
     n_val = int(round(len(rows) * fraction))
@@ -139,8 +112,10 @@ def split_validation(rows: Sequence[Example], fraction: float, seed: int) -> tup
 def load_examples(data: DataConfig, seed: int) -> Splits:
     """Train / val / test rows as the config cuts them (prefixes first, then the val carve;
     `max_test_examples=0` means no test split, hence no evaluation)."""
-    train = load_split(data, "train")[: data.max_train_examples]
-    test = load_split(data, "test")[: data.max_test_examples] if data.max_test_examples != 0 else []
+    from reft_jax.data.sources import load_config_dataset
+
+    train = load_config_dataset(data, "train")[: data.max_train_examples]
+    test = load_config_dataset(data, "test")[: data.max_test_examples] if data.max_test_examples != 0 else []
     train, val = split_validation(train, data.val_fraction, seed)
     if not train:
         raise ValueError("no training examples (check data.max_train_examples / val_fraction)")

@@ -20,3 +20,12 @@ def test_tfds_gsm8k_matches_the_jsonl(tmp_path, data_dir):
     assert test[0].item_id == "gsm8k_0" and test[0].answer_value == "18" and test[0].answer_cot is None
     with pytest.raises(DataError, match="no split"):
         load_tfds_gsm8k("validation", tmp_path / "tfds")
+    # the trainers' loader honours the source (it once read the data directory's files instead):
+    # with no data directory at all, the rows can only come from TFDS
+    from reft_jax.train.sft import load_examples
+
+    cfg = DataConfig(dataset="gsm8k", engine="nl", source="tfds", tfds_dir=str(tmp_path / "tfds"),
+                     data_dir=str(tmp_path / "no-such-dir"), max_train_examples=5, max_test_examples=3)
+    splits = load_examples(cfg, seed=0)
+    assert [r.item_id for r in splits.test] == ["gsm8k_0", "gsm8k_1", "gsm8k_2"]
+    assert len(splits.train) == 5 and splits.train[0].answer_cot
