@@ -341,6 +341,13 @@ def _rms_norm(x: Array, scale: Array, eps: float) -> Array:
     return scale * xf.astype(x.dtype)  # as the model: back to x's dtype before the weight
 
 
+def _mm(x: Array, w: Array) -> Array:
+    """x @ w accumulated in float32, rounded to x's dtype. For bf16 this is what the model's
+    bf16 einsum computes on accelerators; on XLA CPU a plain bf16 dot takes a slow path (~48
+    GFLOP/s at 32 rows) while bf16 x bf16 -> f32 runs at ~410 (measured, 2-core EPYC)."""
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def _decode_step(w: _Weights, cfg: ModelConfig, tok: Array, pos: Array, ks, vs, slot_mask: Array,
                  slot: Array):
     """One token per row through the model: float32 logits [R, V] and the updated caches.
@@ -360,7 +367,7 @@ def _decode_step(w: _Weights, cfg: ModelConfig, tok: Array, pos: Array, ks, vs, 
     new_k, new_v = [], []
     for layer, k_cache, v_cache in zip(w.layers, ks, vs):
         y = _rms_norm(x, layer.in_norm, cfg.rms_norm_eps)
-        qkv = y @ layer.qkv
+        qkv = _mm(y, layer.qkv)
         if layer.qkv_bias is not None:
             qkv = qkv + layer.qkv_bias
         qkv = qkv.reshape(r, 1, h + 2 * kv, hd)
@@ -380,10 +387,10 @@ def _decode_step(w: _Weights, cfg: ModelConfig, tok: Array, pos: Array, ks, vs, 
         probs = jax.nn.softmax(scores + bias, axis=-1).astype(dt).astype(at)
         att = jnp.einsum("rkgs,rksd->rkgd", probs, v_cache, preferred_element_type=jnp.float32)
         att = att.astype(dt).reshape(r, h * hd)
-        x = x + att @ layer.o
+        x = x + _mm(att, layer.o)
         y = _rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
-        gate, up = jnp.split(y @ layer.gate_up, 2, axis=-1)
-        x = x + (jax.nn.silu(gate) * up) @ layer.down
+        gate, up = jnp.split(_mm(y, layer.gate_up), 2, axis=-1)
+        x = x + _mm(jax.nn.silu(gate) * up, layer.down)
     y = _rms_norm(x, w.final_norm, cfg.rms_norm_eps).astype(w.head.dtype)
     logits = jnp.einsum("rd,vd->rv" if cfg.tie_word_embeddings else "rd,dv->rv", y, w.head,
                         preferred_element_type=jnp.float32)
