@@ -3,17 +3,21 @@
 Params and activations name their axes logically (`vocab`, `embed`, `heads`, ...); this module
 is the only place that knows how those names map onto the physical mesh. Changing the
 parallelism strategy means editing `LOGICAL_RULES`, nothing else.
+
+Activations are pinned with `constrain` inside a traced body that `on_mesh_context` has given
+the mesh (`train.sharded.jit_step` does this for every train step); elsewhere it is a no-op.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +25,14 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axes. FSDP shards the model dimension of every weight; tensor parallelism
 # shards heads / MLP / vocabulary; the batch is split over both data-like axes.
+# `activation_*` name the axes of intermediate values (maxtext's naming): the residual stream
+# [B, T, D] is split over the batch axes only. Under FSDP the weights' `embed` dim also lives on
+# `fsdp`, and without these constraints GSPMD may keep whole-batch activations on each device.
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -99,7 +109,7 @@ def _rules_dict(rules) -> dict[str, tuple[str, ...]]:
 
 
 def logical_to_spec(
-    logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=LOGICAL_RULES
+    logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh | AbstractMesh, rules=LOGICAL_RULES
 ) -> P:
     """PartitionSpec for one array. Mesh axes that do not divide the dimension are dropped
     (that dimension is replicated over them) so that e.g. 3 KV heads work on tensor=2."""
@@ -137,6 +147,31 @@ def logical_to_sharding(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules=LOGI
         return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
 
     return jax.tree.map(one, axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def on_mesh_context(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn` whose body runs with `mesh` as JAX's context (abstract) mesh, so that `constrain`
+    inside it takes effect. Wrap the function handed to `jax.jit`: the context is entered while
+    tracing, which is also where `jax.jit(...).lower(...)` traces. (`jax.set_mesh` cannot be
+    entered under jit; `use_abstract_mesh` can, and needs no devices.)"""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules=LOGICAL_RULES) -> jax.Array:
+    """`with_sharding_constraint(x, spec of logical_axes)` on the context mesh; `x` unchanged when
+    there is none (eager / single-device calls, jits not wrapped by `on_mesh_context`), it has one
+    device, or it is not a ('data', 'fsdp', 'tensor') mesh. Values never change, only layout."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    spec = logical_to_spec(logical_axes, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

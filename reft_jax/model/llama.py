@@ -5,6 +5,8 @@ One module serves SFT, sampling, PPO scoring and the verifier:
   * every param carries logical axis names, mapped to the mesh only by `reft_jax.parallel`;
   * positions are passed in (from the mask), so left-padded rows see the same positions as
     unpadded ones;
+  * each layer's input and output (the residual stream) is constrained to the batch axes when
+    traced on a mesh (`parallel.constrain`): GSPMD does not infer that under FSDP;
   * logits and values are float32 whatever the compute dtype.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 
 from reft_jax.model.config import ModelConfig
 from reft_jax.model.rope import apply_rope, rope_cos_sin
+from reft_jax.parallel import constrain
 
 Array = jax.Array
 _NEG_INF = -1e30  # finite, so fully masked rows (left padding) give uniform weights, not NaN
@@ -131,6 +134,9 @@ class MLP(nn.Module):
                           name="down_proj")(nn.silu(gate) * up)
 
 
+RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
 class Block(nn.Module):
     cfg: ModelConfig
 
@@ -138,12 +144,13 @@ class Block(nn.Module):
     def __call__(self, x, layer_cache, cos, sin, attn_mask, index):
         c = self.cfg
         pdt = _dtype(c.param_dtype)
+        x = constrain(x, RESIDUAL_AXES)
         h = RMSNorm(c.rms_norm_eps, pdt, name="input_norm")(x)
         a, new_cache = Attention(c, name="attn")(h, cos, sin, attn_mask, layer_cache, index)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, pdt, name="post_attn_norm")(x)
         x = x + MLP(c, name="mlp")(h)
-        return x, new_cache
+        return constrain(x, RESIDUAL_AXES), new_cache
 
 
 def _torch_linear_init(fan_in: int):

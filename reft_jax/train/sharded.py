@@ -61,10 +61,11 @@ def batch_shardings(batch: Any, mesh: Mesh) -> Any:
 
 
 def jit_step(step: Callable, state: Any, batch_example: Any, mesh: Mesh, donate: bool = True):
-    """Compile `step(state, batch)` with the state's own shardings in and out."""
+    """Compile `step(state, batch)` with the state's own shardings in and out, traced with `mesh`
+    as the context mesh so the model's activation constraints (`parallel.constrain`) apply."""
     st_sh = tree_shardings(state)
     return jax.jit(
-        step,
+        parallel.on_mesh_context(step, mesh),
         in_shardings=(st_sh, batch_shardings(batch_example, mesh)),
         out_shardings=(st_sh, parallel.replicated(mesh)),
         donate_argnums=(0,) if donate else (),
