@@ -38,7 +38,7 @@ def test_demo_on_a_real_model_and_dataset(tmp_path, capsys):
     run_dir = tmp_path / "demo"
     rc = cli.main(["demo", "--model", str(smollm2_gguf_path()), "--dataset", "svamp", "--cot", "python",
                    "--run-dir", str(run_dir), "sft.epochs=2", "sft.warmup_epoch=1", "sft.eval.every_epochs=2",
-                   "sft.data.max_train_examples=8", "sft.data.max_test_examples=8", "sft.data.max_len=256",
+                   "sft.data.max_train_examples=8", "sft.data.max_test_examples=8", "sft.data.max_len=256", "sft.data.max_prompt_len=160",
                    "sft.eval.max_new_tokens=48", "sft.eval.max_total_len=256", "ppo.epochs=1",
                    "ppo.max_new_tokens=48", "ppo.max_total_len=256", "ppo.length_bucket=48", "vote_k=0"])
     assert rc == 0
@@ -53,3 +53,14 @@ def test_demo_on_a_real_model_and_dataset(tmp_path, capsys):
     # the program sandbox scored the PPO rollouts
     rec = [json.loads(line) for line in (run_dir / "seed0" / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/exec_timeout" in r for r in rec)
+
+
+def test_demo_rejects_a_bad_phase_combination_before_training(tmp_path, capsys):
+    """The PPO phase runs on `sft.data`: a prompt cap at or above PPO's total length fails at
+    load time, naming both keys, before any SFT step runs."""
+    rc = cli.main(["demo", "--run-dir", str(tmp_path / "demo"), "sft.data.max_prompt_len=200",
+                   "ppo.max_total_len=144"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "ppo: data.max_prompt_len=200: must be below max_total_len=144" in err
+    assert not (tmp_path / "demo").exists()

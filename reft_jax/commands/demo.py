@@ -34,7 +34,11 @@ def shortcut_overrides(args: argparse.Namespace) -> list[str]:
                 "sft.eval.max_total_len=700", "ppo.max_total_len=700", "ppo.max_new_tokens=256",
                 "ppo.prompt_bucket=64", "sft.batch_size=8", "ppo.batch_questions=8", "sft.bucket=64",
                 "sft.eval.batch_size=8", "ppo.eval.batch_size=8",
-                "sft.data.max_train_examples=256", "sft.data.max_test_examples=64"]
+                "sft.data.max_train_examples=256", "sft.data.max_test_examples=64",
+                # ReFT's PPO update instead of the tiny model's (2 epochs over the whole batch,
+                # vf_coef 5, the loaded value head)
+                "ppo.mini_batch_size=0", "ppo.ppo_epochs=2", "ppo.vf_coef=5.0",
+                "ppo.value_head_init=torch_default"]
     if args.dataset:
         out.append(f"sft.data.dataset={args.dataset}")
     if args.cot:
