@@ -85,8 +85,8 @@ def measure_decode_matmul(dtype: str, rows: int, d: int, f: int, layers: int = 3
 
     @jax.jit
     def chain(ws, x):
-        for w in ws:
-            x = (x @ w)[:, :d]
+        for w in ws:  # as the decode step: float32 accumulation, rounded to the compute dtype
+            x = jnp.dot(x, w, preferred_element_type=jnp.float32)[:, :d].astype(dtype)
         return x
 
     chain(ws, x).block_until_ready()
