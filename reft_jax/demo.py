@@ -90,14 +90,12 @@ class DemoConfig:
             raise config_lib.ConfigError("needs at least one seed", key="seeds", value=self.seeds)
         if self.vote_k < 0:
             raise config_lib.ConfigError("must be >= 0", key="vote_k", value=self.vote_k)
-        # Each phase validated alone above; the PPO phase also runs on `sft.data`, so check the
+        # Each phase was validated alone; the PPO phase runs on `sft.data`, so check that
         # combination now instead of failing after the SFT phase has run.
-        sft, ppo = seed_configs(self, self.seeds[0])
-        for name, phase in (("sft", sft), ("ppo", ppo)):
-            try:
-                phase.validate()
-            except ValueError as err:
-                raise config_lib.ConfigError(f"{err} (the PPO phase runs on sft.data)", key=name) from None
+        try:
+            seed_configs(self, self.seeds[0])[1].validate()
+        except ValueError as err:
+            raise config_lib.ConfigError(f"{err} (the PPO phase runs on sft.data)", key="ppo") from None
 
 
 def seed_configs(cfg: DemoConfig, seed: int) -> tuple[SFTConfig, PPOConfig]:

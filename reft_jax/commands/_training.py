@@ -17,8 +17,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_name: str, exam
 
 
 def run_training(command: str, config_cls: type, runner: Callable[[Any], dict],
-                 args: argparse.Namespace, diverged: tuple[type[BaseException], ...] = ()) -> int:
-    """Load `config_cls` from `--config` + overrides and run `runner(cfg)`; returns the exit code."""
+                 args: argparse.Namespace, diverged: tuple[type[BaseException], ...] = (),
+                 print_summary: bool = True) -> int:
+    """Load `config_cls` from `--config` + overrides and run `runner(cfg)`; returns the exit code.
+    `print_summary=False` for runners that print their own report (the demo's table)."""
     from reft_jax import config as config_lib
     from reft_jax import distributed
     from reft_jax.data.sources import DataError
@@ -40,5 +42,6 @@ def run_training(command: str, config_cls: type, runner: Callable[[Any], dict],
     except diverged as err:
         print(f"reft {command}: training diverged: {err}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2, default=str))
+    if print_summary:
+        print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,21 +47,8 @@ def shortcut_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reft_jax import config as config_lib
-    from reft_jax.data.sources import DataError
+    from reft_jax.commands._training import run_training
     from reft_jax.demo import DemoConfig, run_demo
 
-    try:
-        cfg = config_lib.load_config(DemoConfig, args.config, shortcut_overrides(args) + list(args.overrides))
-    except config_lib.ConfigError as err:
-        print(f"reft demo: error: {err}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(json.dumps(config_lib.to_dict(cfg), indent=2))
-        return 0
-    try:
-        run_demo(cfg)
-    except (DataError, FileNotFoundError) as err:
-        print(f"reft demo: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    args.overrides = shortcut_overrides(args) + list(args.overrides)
+    return run_training("demo", DemoConfig, run_demo, args, print_summary=False)

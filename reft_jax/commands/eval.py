@@ -70,8 +70,8 @@ def _examples(args: argparse.Namespace) -> tuple[str, list]:
 
         saved = (yaml.safe_load((pathlib.Path(args.checkpoint) / "config.yaml").read_text()) or {}).get("data", {})
         name = "synthetic"
-        rows = sources.load_config_dataset(DataConfig(dataset="synthetic", engine=args.engine,
-                                     synthetic=saved.get("synthetic") or {}), "test")
+        rows = sources.load_config_dataset(
+            DataConfig(dataset="synthetic", engine=args.engine, synthetic=saved.get("synthetic") or {}), "test")
     else:
         name = args.dataset
         rows = sources.load_dataset(name, "test", args.engine, args.data_dir)
