@@ -47,7 +47,7 @@ from reft_jax.train import ppo_math, ppo_step, sharded
 from reft_jax.train.common import (DataConfig, EvalConfig, ModelSpec, build_policy, save_run_artifacts,
                                    state_abstract)
 from reft_jax.train.rollout import RolloutEngine, encode_prefixes, scores_on_mesh, status_counts
-from reft_jax.train.sft import (NAN_POLICIES, Splits, TrainingDiverged, all_finite, config_drift, saved_policy,
+from reft_jax.train.sft import (NAN_POLICIES, Splits, TrainingDiverged, all_finite, config_drift, open_run,
                                 build_mesh, load_examples, tokenizer_corpus)
 from reft_jax.train.state import OptimConfig, TrainState, make_optimizer
 
@@ -259,15 +259,13 @@ def _setup(cfg: PPOConfig, stack: contextlib.ExitStack) -> tuple[_Run, TrainStat
     total_updates = spe * cfg.epochs * cfg.ppo_epochs * (cfg.rows // cfg.minibatch)
     tx = make_optimizer(cfg.optim, total_updates)
     best_name = f"{cfg.eval.select_on}_accuracy"
-    ckpt = stack.enter_context(Checkpointer(run_dir / "checkpoints", keep=cfg.keep, best_metric=best_name,
-                                            clean_partial=True))
     # The reference is always the configured init; the policy is the run's own on resume.
     model_config, init_params, tokenizer = _policy(cfg, mesh, splits)
     ref_params = ppo_step.make_reference(init_params, cfg.ref_dtype)
-    restored = None
-    if ckpt.all_steps():
-        model_config, tokenizer = saved_policy(run_dir)
-        restored = ckpt.restore(state_abstract(model_config, cfg.optim, total_updates, mesh))
+    ckpt, restored, saved_config, saved_tokenizer = open_run(
+        stack, run_dir, cfg.keep, best_name, lambda mc: state_abstract(mc, cfg.optim, total_updates, mesh))
+    if saved_config is not None:
+        model_config, tokenizer = saved_config, saved_tokenizer
     if restored is None:
         params = ppo_step.zero_value_head(init_params) if cfg.value_head_init == "zeros" else init_params
         state = sharded.create_state(params, tx, jax.random.key(cfg.seed), mesh)

@@ -284,7 +284,7 @@ class _Online:
 
 
 def _setup_online(cfg: OnlineConfig, stack: contextlib.ExitStack) -> tuple[_Online, TrainState, dict]:
-    from reft_jax.train.sft import saved_policy, build_mesh, load_examples, tokenizer_corpus
+    from reft_jax.train.sft import build_mesh, load_examples, open_run, tokenizer_corpus
 
     run_dir = pathlib.Path(cfg.run_dir)
     mesh = build_mesh(cfg.mesh)
@@ -299,12 +299,8 @@ def _setup_online(cfg: OnlineConfig, stack: contextlib.ExitStack) -> tuple[_Onli
     total = steps_per_epoch(len(splits.train), cfg.batch_questions, drop_last=True) * cfg.epochs * cfg.updates_per_step
     tx = make_optimizer(cfg.optim, total)
     best_name = f"{cfg.eval.select_on}_accuracy"
-    ckpt = stack.enter_context(Checkpointer(run_dir / "checkpoints", keep=cfg.keep, best_metric=best_name,
-                                            clean_partial=True))
-    restored = None
-    if ckpt.all_steps():
-        model_config, tokenizer = saved_policy(run_dir)
-        restored = ckpt.restore(state_abstract(model_config, cfg.optim, total, mesh))
+    ckpt, restored, model_config, tokenizer = open_run(
+        stack, run_dir, cfg.keep, best_name, lambda mc: state_abstract(mc, cfg.optim, total, mesh))
     if restored is None:
         corpus = tokenizer_corpus(splits.train, cfg.data.engine) if cfg.model.path is None else None
         model_config, params, tokenizer = build_policy(cfg.model, mesh, cfg.seed, corpus)

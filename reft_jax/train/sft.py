@@ -188,6 +188,20 @@ def saved_policy(run_dir: pathlib.Path) -> tuple[ModelConfig, Any]:
     return ModelConfig(**saved), load_tokenizer(run_dir / "tokenizer")
 
 
+def open_run(stack: contextlib.ExitStack, run_dir: pathlib.Path, keep: int | None, best_metric: str | None,
+             abstract: Callable[[ModelConfig], Any]) -> tuple[Checkpointer, Any, ModelConfig | None, Any]:
+    """(checkpointer, restored (state, meta) or None, model config, tokenizer) of a run directory.
+    Half-written steps are removed; when a step exists, the run's own model config and tokenizer
+    come back with it (a resumed run never rebuilds them), else both are None.
+    `abstract(model_config)` gives the checkpointed state's ShapeDtypeStructs."""
+    ckpt = stack.enter_context(Checkpointer(run_dir / "checkpoints", keep=keep, best_metric=best_metric,
+                                            clean_partial=True))
+    if not ckpt.all_steps():
+        return ckpt, None, None, None
+    model_config, tokenizer = saved_policy(run_dir)
+    return ckpt, ckpt.restore(abstract(model_config)), model_config, tokenizer
+
+
 def config_drift(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose value differs between a checkpoint's config and this run's."""
     out = []
@@ -364,12 +378,8 @@ def _setup(cfg: SFTConfig, stack: contextlib.ExitStack, extra_train: Sequence[Ex
     total_steps = steps_per_epoch(len(splits.train) + len(extra_train), cfg.batch_size) * cfg.epochs
     tx = make_optimizer(cfg.optim, total_steps)
     best_name = f"{cfg.eval.select_on}_accuracy"
-    ckpt = stack.enter_context(Checkpointer(run_dir / "checkpoints", keep=cfg.keep, best_metric=best_name,
-                                            clean_partial=True))
-    restored = None
-    if ckpt.all_steps():  # the run's own model config and tokenizer: never rebuilt on resume
-        model_config, tokenizer = saved_policy(run_dir)
-        restored = ckpt.restore(state_abstract(model_config, cfg.optim, total_steps, mesh))
+    ckpt, restored, model_config, tokenizer = open_run(
+        stack, run_dir, cfg.keep, best_name, lambda mc: state_abstract(mc, cfg.optim, total_steps, mesh))
     if restored is None:
         model_config, tokenizer, state = _fresh_state(cfg, mesh, splits.train, tx)
         save_run_artifacts(run_dir, model_config, tokenizer, cfg.optim, total_steps, cfg)

@@ -364,7 +364,7 @@ def _eval_record(verifier: Verifier, sets, kind: str, cfg: VerifierConfig, epoch
 
 def train_verifier(cfg: VerifierConfig) -> dict[str, Any]:
     """Train (or continue, at epoch granularity) the verifier of `cfg.run_dir`."""
-    from reft_jax.train.sft import saved_policy, build_mesh, check_batch
+    from reft_jax.train.sft import build_mesh, check_batch, open_run
 
     cfg.validate()
     run_dir = pathlib.Path(cfg.run_dir)
@@ -381,12 +381,8 @@ def train_verifier(cfg: VerifierConfig) -> dict[str, Any]:
         spe = steps_per_epoch(len(pairs), cfg.batch_size)
         total_steps = spe * cfg.epochs
         tx = make_optimizer(cfg.optim, total_steps)
-        ckpt = stack.enter_context(Checkpointer(run_dir / "checkpoints", keep=cfg.keep, best_metric=best_name,
-                                                clean_partial=True))
-        restored = None
-        if ckpt.all_steps():
-            model_config, tokenizer = saved_policy(run_dir)
-            restored = ckpt.restore(_state_abstract(model_config, cfg.optim, total_steps, mesh))
+        ckpt, restored, model_config, tokenizer = open_run(
+            stack, run_dir, cfg.keep, best_name, lambda mc: _state_abstract(mc, cfg.optim, total_steps, mesh))
         if restored is None:
             corpus = [INSTRUCTION + p.question + COT_TRIGGER + p.completion for p in pairs] \
                 if cfg.model.path is None else None
