@@ -11,6 +11,31 @@ os.environ.setdefault("REFT_DATA_DIR", str((_REPO.parent / "shared" / "data").re
 import pytest  # noqa: E402
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    # Two SmolLM2 fine-tuning runs side by side can pass 24 GiB (CI lost a worker to it):
+    # one xdist group puts them on one worker, one after another (needs --dist loadgroup).
+    for item in items:
+        if item.get_closest_marker("big_memory"):
+            item.add_marker(pytest.mark.xdist_group("big_memory"))
+
+
+@pytest.fixture(autouse=True)
+def _release_memory_after_big_tests(request):
+    """Hand a big_memory test's freed heap back to the OS: glibc keeps it in its arenas, and
+    an xdist worker that ran one sat at ~10 GiB through the tests after it."""
+    yield
+    if request.node.get_closest_marker("big_memory"):
+        import ctypes
+        import gc
+
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:  # not glibc
+            pass
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:
     path = pathlib.Path(os.environ["REFT_DATA_DIR"])

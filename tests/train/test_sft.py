@@ -253,6 +253,7 @@ def test_tiny_model_learns_the_synthetic_problems(learned):
 
 
 @pytest.mark.slow
+@pytest.mark.big_memory
 def test_smollm2_sft_steps_on_svamp_pcot_lower_the_loss(tmp_path):
     """The real 135M model: four full fine-tuning steps on SVAMP P-CoT programs (4 x 256 tokens)."""
     from reft_jax.model.io import smollm2_gguf_path
