@@ -80,6 +80,14 @@ def _jsonable(x: Any, where: str) -> Any:
     raise TypeError(f"{where}: {type(x).__name__} value {x!r} is not JSON-serialisable")
 
 
+def improves(value: float, best: float, mode: Literal["max", "min"] = "max") -> bool:
+    """Whether `value` takes over as best from `best`. Ties go to the newer step, as Orbax's
+    best-keeping does: a run's own `best` record must name a step that is still on disk."""
+    if math.isnan(value):
+        return False
+    return value >= best if mode == "max" else value <= best
+
+
 class Checkpointer:
     """Latest `keep` steps plus the best one by `best_metric` (kept even when older).
 

@@ -18,6 +18,7 @@ from reft_jax.checkpoint import (
     Checkpointer,
     CheckpointWarning,
     abstract_like,
+    improves,
 )
 
 
@@ -142,6 +143,22 @@ def test_best_mode_min_and_without_keep_best(tmp_path):
     ckpt = Checkpointer(tmp_path / "b", keep=2, best_metric="loss", best_mode="min", keep_best=False)
     save_steps(ckpt, [1, 2, 3, 4], metrics=[0.1, 0.5, 0.4, 0.3])
     assert ckpt.all_steps() == [3, 4] and ckpt.best_step() == 4
+
+
+def test_ties_keep_the_newer_step_as_the_trainers_record_it(tmp_path):
+    """A tie for best keeps the newer step on disk; the trainers' own `best` record (which
+    `reft eval --step best` falls back on) must name that same step, not a deleted one."""
+    ckpt = Checkpointer(tmp_path / "ck", keep=1, best_metric="acc", best_mode="max")
+    metrics = [0.025, 0.035, 0.035]
+    save_steps(ckpt, [94, 188, 282], metrics=metrics)
+    best = None
+    for step, value in zip([94, 188, 282], metrics):
+        if best is None or improves(value, best[0]):
+            best = (value, step)
+    assert ckpt.all_steps() == [282] and ckpt.best_step() == 282 == best[1]
+    assert improves(0.5, 0.4) and not improves(0.4, 0.5)
+    assert improves(0.3, 0.4, mode="min") and improves(0.4, 0.4, mode="min")
+    assert not improves(float("nan"), 0.1)
 
 
 # --- damaged checkpoints ----------------------------------------------------------------------

@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 
 from reft_jax import config as config_lib
 from reft_jax import parallel
-from reft_jax.checkpoint import Checkpointer
+from reft_jax.checkpoint import Checkpointer, improves
 from reft_jax.data.batches import epoch_batches, steps_per_epoch
 from reft_jax.data.prompts import special_ids
 from reft_jax.metrics import MetricsWriter, Timer, plot_metrics, progress
@@ -489,7 +489,7 @@ def _train(run: _Run, state: TrainState, meta: dict, stack: contextlib.ExitStack
             last_eval = _evaluate(run, state.params, epoch + 1, step)
             history.append({"epoch": epoch + 1, **last_eval})
             metric = last_eval.get(run.best_name)
-            if metric is not None and (best is None or metric > best["value"]):
+            if metric is not None and (best is None or improves(metric, best["value"])):
                 best = {"name": run.best_name, "value": metric, "epoch": epoch + 1, "step": step}
         if not bool(all_finite(state.params)):  # a finite loss does not prove finite params
             _diverged(run, "non-finite params after", step, epoch, bi, saved)

@@ -31,7 +31,7 @@ import optax
 from reft_jax import config as config_lib
 from reft_jax import inference
 from reft_jax import parallel
-from reft_jax.checkpoint import Checkpointer
+from reft_jax.checkpoint import Checkpointer, improves
 from reft_jax.data.batches import bucket_length, epoch_batches, pad_sft_batch, steps_per_epoch
 from reft_jax.data.prompts import encode_sft, special_ids, sft_target
 from reft_jax.data.sources import DataError, Example
@@ -433,7 +433,7 @@ def _online_loop(run: _Online, state: TrainState, meta: dict, stack: contextlib.
         if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.epochs:
             last_eval = _evaluate_online(run, state.params, epoch + 1, step)
             metric = last_eval.get(run.best_name)
-            if metric is not None and (best is None or metric > best["value"]):
+            if metric is not None and (best is None or improves(metric, best["value"])):
                 best = {"name": run.best_name, "value": metric, "epoch": epoch + 1, "step": step}
         run.ckpt.save(step, state, {"step": step, "epoch": epoch + 1, "batch": 0, "epoch_end": epoch + 1,
                                     "best": best, "eval": last_eval, "config": config_lib.to_dict(cfg)},

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from reft_jax import config as config_lib
 from reft_jax import parallel
-from reft_jax.checkpoint import Checkpointer
+from reft_jax.checkpoint import Checkpointer, improves
 from reft_jax.data.batches import Encoded, bucket_length, epoch_batches, pad_sft_batch, steps_per_epoch
 from reft_jax.data.prompts import encode_sft, special_ids, sft_prompt, sft_target
 from reft_jax.data.sources import Example
@@ -474,7 +474,7 @@ def _train(run: _Run, state: TrainState, meta: dict, stack: contextlib.ExitStack
             if end and run.evaluates(epoch + 1):
                 last_eval = _end_of_epoch_eval(run, state, epoch + 1, step)
                 metric = last_eval.get(run.best_name)
-                if metric is not None and (best is None or metric > best["value"]):
+                if metric is not None and (best is None or improves(metric, best["value"])):
                     best = {"name": run.best_name, "value": metric, "epoch": epoch + 1, "step": step}
             meta = {"step": step, "epoch": epoch + 1 if end else epoch, "batch": 0 if end else bi + 1,
                     "epoch_end": epoch + 1 if end else None, "best": best, "eval": last_eval,

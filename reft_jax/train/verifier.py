@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 from reft_jax import config as config_lib
 from reft_jax import inference
 from reft_jax import parallel
-from reft_jax.checkpoint import Checkpointer, abstract_like
+from reft_jax.checkpoint import Checkpointer, abstract_like, improves
 from reft_jax.data.batches import Encoded, bucket_length, epoch_batches, pad_sft_batch, steps_per_epoch
 from reft_jax.data.prompts import COT_TRIGGER, INSTRUCTION, needs_bos, special_ids, tokenize
 from reft_jax.distributed import process_batch_slice
@@ -432,7 +432,7 @@ def _loop(cfg, state, meta, step_fn, batch, n, verifier, eval_sets, kind, best_n
         nonlocal best
         record = _eval_record(verifier.with_params(state.params), eval_sets, kind, cfg, epoch)
         writer.write(step, record, prefix="eval")
-        if best is None or record[best_name] > best["value"]:
+        if best is None or improves(record[best_name], best["value"]):
             best = {"name": best_name, "value": record[best_name], "epoch": epoch, "step": step}
         print(f"[verifier] step {step} (epoch {epoch:.2f}): " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()),
               flush=True)
