@@ -56,6 +56,38 @@ def test_demo_on_a_real_model_and_dataset(tmp_path, capsys):
     assert any("train/exec_timeout" in r for r in rec)
 
 
+@pytest.mark.parametrize("cot", ["nl", "python"])
+def test_demo_length_caps_fit_every_synthetic_solution(cot):
+    """`reft demo --cot {nl,python}` on the embedded problems: every training target fits the SFT
+    length cap and every solution fits the sampling budgets (truncated P-CoT programs once scored
+    0 everywhere), measured with the tokenizer the demo trains."""
+    import argparse
+
+    from reft_jax import config as config_lib
+    from reft_jax.commands.demo import shortcut_overrides
+    from reft_jax.data.tokenizer import train_tokenizer
+    from reft_jax.demo import DemoConfig
+    from reft_jax.evaluate import eval_prefix
+    from reft_jax.data.prompts import sft_prompt, sft_target
+    from reft_jax.train.sft import load_examples, tokenizer_corpus
+
+    args = argparse.Namespace(run_dir=None, model=None, dataset=None, cot=cot)
+    cfg = config_lib.load_config(DemoConfig, None, shortcut_overrides(args))
+    data = cfg.sft.data
+    assert data.engine == cot
+    rows = load_examples(data, 0).train
+    tok = train_tokenizer(tokenizer_corpus(rows, cot), cfg.sft.model.tokenizer_vocab_size)
+    n = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    longest_target = max(n(sft_target(r, cot)) for r in rows) + 1  # + EOS
+    longest_example = max(n(sft_prompt(r.question) + sft_target(r, cot)) for r in rows) + 1
+    longest_prompt = max(n(eval_prefix(r.question, cot)) for r in rows)
+    assert longest_example <= data.max_len, (longest_example, data.max_len)
+    for budget, total in ((cfg.sft.eval.max_new_tokens, cfg.sft.eval.max_total_len),
+                          (cfg.ppo.max_new_tokens, cfg.ppo.max_total_len)):
+        assert longest_target <= budget and longest_prompt + longest_target <= total, \
+            (longest_prompt, longest_target, budget, total)
+
+
 def test_demo_rejects_a_bad_phase_combination_before_training(tmp_path, capsys):
     """The PPO phase runs on `sft.data`: a prompt cap at or above PPO's total length fails at
     load time, naming both keys, before any SFT step runs."""

@@ -46,6 +46,11 @@ def shortcut_overrides(args: argparse.Namespace) -> list[str]:
         out.append(f"sft.data.engine={args.cot}")
         if args.cot == "python":
             out.append("ppo.kl_coef=0.01")
+            if not args.model:
+                # Programs restate the question in their docstring: ~100 tokens against ~20 for
+                # the N-CoT lines, so the tiny setting's caps (48 new tokens) cut every one short.
+                out += ["sft.data.max_len=192", "sft.eval.max_new_tokens=112", "sft.eval.max_total_len=208",
+                        "ppo.max_new_tokens=112", "ppo.max_total_len=208", "ppo.length_bucket=32"]
     return out
 
 
