@@ -19,7 +19,7 @@ import os
 import pathlib
 from typing import Any, NamedTuple, Sequence
 
-from reft_jax.data.prompts import rollout_prefix, sft_prompt
+from reft_jax.data.prompts import header_newline, rollout_prefix, sft_prompt
 from reft_jax.reward import reward as reward_lib
 from reft_jax.reward.answers import MCQ, Prediction, answer_kind, completion_from_text, is_correct, parse_gold
 
@@ -34,12 +34,13 @@ class Score(NamedTuple):
     reward: float
 
 
-def eval_prefix(question: str, engine: str, prefix: str = "sft") -> str:
-    """The generation prefix of one question (see the module docstring)."""
+def eval_prefix(question: str, engine: str, prefix: str = "sft", tokenizer: Any = None) -> str:
+    """The generation prefix of one question (see the module docstring). The P-CoT rollout
+    prefix ends as `header_newline(tokenizer)` decides (with its newline without a tokenizer)."""
     if prefix == "sft":
         return sft_prompt(question)
     if prefix == "rollout":
-        return rollout_prefix(question, engine)
+        return rollout_prefix(question, engine, True if tokenizer is None else header_newline(tokenizer))
     raise ValueError(f"prefix must be one of {PREFIXES}, got {prefix!r}")
 
 
@@ -138,7 +139,7 @@ def evaluate(params: Any, model_config: Any, tokenizer: Any, examples: Sequence[
     import jax
 
     kind = answer_kind(data_cfg.dataset)
-    prefixes = [eval_prefix(ex.question, data_cfg.engine, prefix) for ex in examples]
+    prefixes = [eval_prefix(ex.question, data_cfg.engine, prefix, tokenizer) for ex in examples]
     greedy_cfg, vote_cfg = sample_configs(eval_cfg, vote_k)
     greedy_rng, vote_rng = jax.random.split(rng)
     batch = eval_batch_size(eval_cfg.batch_size, mesh)

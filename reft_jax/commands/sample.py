@@ -46,15 +46,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def read_prompts(path: str | pathlib.Path, engine: str) -> list[dict[str, Any]]:
-    """Rows with `prompt` (and the pass-through fields) from a JSONL or a ReFT data file."""
-    from reft_jax.data.prompts import rollout_prefix
+def read_prompts(path: str | pathlib.Path, engine: str, tokenizer: Any = None) -> list[dict[str, Any]]:
+    """Rows with `prompt` (and the pass-through fields) from a JSONL or a ReFT data file. Prompts
+    built from questions end their P-CoT header as `header_newline(tokenizer)` decides."""
+    from reft_jax.data.prompts import header_newline, rollout_prefix
     from reft_jax.data.sources import DataError, load_reft_json, read_jsonl_object
 
     path = pathlib.Path(path)
+    newline = True if tokenizer is None else header_newline(tokenizer)
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
-        return [{"prompt": rollout_prefix(ex.question, engine), "item_id": ex.item_id,
+        return [{"prompt": rollout_prefix(ex.question, engine, newline), "item_id": ex.item_id,
                  "answer_value": ex.answer_value} for ex in load_reft_json(path)]
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -64,7 +66,7 @@ def read_prompts(path: str | pathlib.Path, engine: str) -> list[dict[str, Any]]:
         if "prompt" in row:
             prompt = row["prompt"]
         elif "question" in row:
-            prompt = rollout_prefix(row["question"], engine)
+            prompt = rollout_prefix(row["question"], engine, newline)
         else:
             raise DataError("needs a `prompt` (or `question`) field", path, f"line {lineno}")
         if not isinstance(prompt, str):
@@ -123,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer is None:
         print(f"error: {model} has no tokenizer", file=sys.stderr)
         return 2
+    if args.engine == "python":  # questions become prompts as this tokenizer needs (read above to fail early)
+        rows = read_prompts(args.prompts, args.engine, tokenizer)
     start = time.perf_counter()
     result = generate(params, model_config, tokenizer, [r["prompt"] for r in rows], config,
                       jax.random.key(args.seed), batch_size=args.batch_size, progress=not args.no_progress,

@@ -9,6 +9,7 @@ family needs one, one EOS appended and trained. Pad / EOS ids always come from t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # numpy-backed; imported lazily so the reward path stays light
@@ -19,18 +20,6 @@ INSTRUCTION = "Question:\n"
 COT_TRIGGER = "\nAnswer reasoning:\n"
 ANSWER_TRIGGER = "\nTherefore, the answer is: "
 ENGINES = ("nl", "python")
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptConfig:
-    """Prompt options (a config section)."""
-
-    # P-CoT rollout prefix ends `"""\n` (main branch) or `"""` (newer branch, "decide by tokenizer").
-    rollout_newline: bool = True
-    # None: prepend BOS only for tokenizer families that need it (Gemma); True/False: force.
-    add_bos: bool | None = None
-    # Prompt tokens kept for rollouts (ReFT: 300; the head is kept, as in the official code).
-    max_prompt_tokens: int = 300
 
 
 def check_engine(engine: str) -> str:
@@ -61,7 +50,8 @@ def program_header(question: str, newline: bool = True) -> str:
 
 
 def rollout_prefix(question: str, engine: str, newline: bool = True) -> str:
-    """Generation prefix for ReFT / online self-training rollouts and sampling."""
+    """Generation prefix for ReFT / online self-training rollouts and sampling. `newline`: end the
+    P-CoT header with its newline (ReFT `main`); token-level callers pass `header_newline(tok)`."""
     check_engine(engine)
     prefix = sft_prompt(question)
     if engine == "python":
@@ -120,10 +110,32 @@ def encode_sft(tokenizer: Any, example: "Example", engine: str, max_len: int,
     return Encoded(ids=np.asarray(ids, np.int32), n_prompt=min(len(prompt), len(ids)))
 
 
+@functools.lru_cache(maxsize=16)
+def header_newline(tokenizer: Any) -> bool:
+    """Whether this tokenizer ends a P-CoT rollout prefix with the header's newline.
+
+    SFT trains on the program tokenised as a whole; a rollout continues from its header. ReFT's
+    `main` appends `\"\"\"\n`, right for CodeLlama, whose newline is a token of its own. GPT-2-style
+    BPEs (SmolLM2, Llama 3, Qwen2, the demo's) merge that newline with the next line's indent, so
+    a prefix ending in a bare newline is a token sequence SFT never showed. As ReFT's newer branch
+    ("decide by tokenizer"): keep the newline only where a token boundary follows it."""
+    head = program_header("q")
+    ids = tokenize(tokenizer, head + "    x = 1\n")
+    for i in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:i], clean_up_tokenization_spaces=False)
+        if text == head:
+            return True
+        if len(text) > len(head):
+            return False
+    return False
+
+
 def encode_prefix(tokenizer: Any, question: str, engine: str, max_len: int = 300,
-                  newline: bool = True, add_bos: bool | None = None) -> list[int]:
+                  newline: bool | None = None, add_bos: bool | None = None) -> list[int]:
     """Rollout prefix ids, truncated to `max_len` keeping the head (ReFT: a too-long prompt loses
-    its end, trigger included)."""
+    its end, trigger included). `newline` None: as `header_newline(tokenizer)`."""
+    if newline is None:
+        newline = header_newline(tokenizer)
     ids = _bos(tokenizer, add_bos) + tokenize(tokenizer, rollout_prefix(question, engine, newline))
     return ids[:max_len]
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from reft_jax.data.prompts import (ANSWER_TRIGGER, COT_TRIGGER, INSTRUCTION, encode_eval_prefix,
-                                   encode_prefix, encode_sft, needs_bos, rollout_prefix, sft_prompt,
-                                   sft_target, special_ids, tokenize)
+                                   encode_prefix, encode_sft, header_newline, needs_bos, rollout_prefix,
+                                   sft_prompt, sft_target, special_ids, tokenize)
 from reft_jax.data.sources import Example
 from reft_jax.data.synthetic import SyntheticConfig, generate_problems
 from reft_jax.data.tokenizer import train_tokenizer
@@ -62,9 +62,56 @@ def test_encode_sft(tokenizer):
 
 def test_encode_prefixes(tokenizer):
     full = encode_prefix(tokenizer, EX_PY.question, "python", max_len=300)
-    assert tokenizer.decode(full) == rollout_prefix(EX_PY.question, "python")
+    assert tokenizer.decode(full) == rollout_prefix(EX_PY.question, "python", newline=header_newline(tokenizer))
     assert encode_prefix(tokenizer, EX_PY.question, "python", max_len=7) == full[:7]
     assert tokenizer.decode(encode_eval_prefix(tokenizer, EX_PY.question)) == sft_prompt(EX_PY.question)
+
+
+def _newline_apart_tokenizer():
+    """A tokenizer that keeps every newline a token of its own (as SentencePiece's <0x0A> in
+    CodeLlama, for which ReFT's header with its trailing newline was written)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex("\n"), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([EX_PY.answer_cot * 3, sft_prompt("How many?")], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<eos>", "<unk>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                   clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.parametrize("which", ["synthetic BPE", "newline apart", "SmolLM2"])
+def test_pcot_rollout_prefix_is_the_head_of_a_training_sequence(which, tokenizer):
+    """The P-CoT rollout prefix ends inside the program. Its tokens must be exactly the head of
+    what SFT trained on (prompt and program tokenised apart), or the policy starts from a
+    sequence it never saw: GPT-2-style BPEs (SmolLM2, the demo's) merge the header's newline
+    with the next line's indent, so ReFT `main`'s header newline would end the prefix on a token
+    never seen there. It is kept only where the tokenizer keeps it apart (ReFT's newer branch)."""
+    if which == "newline apart":
+        tok, expect = _newline_apart_tokenizer(), True
+    elif which == "SmolLM2":
+        from reft_jax.model.io import smollm2_gguf_path
+        from reft_jax.model.tokenizer_io import load_tokenizer
+
+        tok, expect = load_tokenizer(smollm2_gguf_path()), False
+    else:
+        tok, expect = tokenizer, False
+    assert header_newline(tok) is expect
+    for ex in (EX_PY, Example("svamp_3", "Tom has 3 apples. How many apples?", "3",
+                              'def solution():\n    """Tom has 3 apples. How many apples?"""\n    apples = 3\n'
+                              '    result = apples\n    return result')):
+        head = encode_prefix(tok, ex.question, "python")
+        trained = tokenize(tok, sft_prompt(ex.question)) + tokenize(tok, sft_target(ex, "python"))
+        assert head == trained[:len(head)], (tok.convert_ids_to_tokens(head[-3:]),
+                                             tok.convert_ids_to_tokens(trained[len(head) - 3:len(head) + 1]))
+        assert tok.decode(head) == rollout_prefix(ex.question, "python", newline=expect)
+    # N-CoT prefixes do not depend on it
+    assert encode_prefix(tok, "How many?", "nl") == tokenize(tok, sft_prompt("How many?"))
 
 
 def test_special_ids_come_from_the_tokenizer(tokenizer):
