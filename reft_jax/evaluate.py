@@ -34,13 +34,13 @@ class Score(NamedTuple):
     reward: float
 
 
-def eval_prefix(question: str, engine: str, prefix: str = "sft", tokenizer: Any = None) -> str:
-    """The generation prefix of one question (see the module docstring). The P-CoT rollout
-    prefix ends as `header_newline(tokenizer)` decides (with its newline without a tokenizer)."""
+def eval_prefix(question: str, engine: str, prefix: str = "sft", newline: bool = True) -> str:
+    """The generation prefix of one question (see the module docstring); `newline` ends a P-CoT
+    rollout header (`prompts.header_newline`)."""
     if prefix == "sft":
         return sft_prompt(question)
     if prefix == "rollout":
-        return rollout_prefix(question, engine, True if tokenizer is None else header_newline(tokenizer))
+        return rollout_prefix(question, engine, newline)
     raise ValueError(f"prefix must be one of {PREFIXES}, got {prefix!r}")
 
 
@@ -139,7 +139,8 @@ def evaluate(params: Any, model_config: Any, tokenizer: Any, examples: Sequence[
     import jax
 
     kind = answer_kind(data_cfg.dataset)
-    prefixes = [eval_prefix(ex.question, data_cfg.engine, prefix, tokenizer) for ex in examples]
+    newline = header_newline(tokenizer, data_cfg.header_newline)
+    prefixes = [eval_prefix(ex.question, data_cfg.engine, prefix, newline) for ex in examples]
     greedy_cfg, vote_cfg = sample_configs(eval_cfg, vote_k)
     greedy_rng, vote_rng = jax.random.split(rng)
     batch = eval_batch_size(eval_cfg.batch_size, mesh)

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output .jsonl")
     parser.add_argument("--engine", choices=("nl", "python"), default="python",
                         help="prompt format for ReFT data files (default: python, i.e. P-CoT)")
+    parser.add_argument("--header-newline", choices=("auto", "always", "never"), default="auto",
+                        help="end a P-CoT question's `def solution()` header with its newline: auto = where "
+                             "the tokenizer keeps it a token apart (ReFT's newer branch), always = ReFT main")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (top-1)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="0 = off (ReFT rollouts); ReFT's voting used 50")
@@ -46,14 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def read_prompts(path: str | pathlib.Path, engine: str, tokenizer: Any = None) -> list[dict[str, Any]]:
+def read_prompts(path: str | pathlib.Path, engine: str, newline: bool = True) -> list[dict[str, Any]]:
     """Rows with `prompt` (and the pass-through fields) from a JSONL or a ReFT data file. Prompts
-    built from questions end their P-CoT header as `header_newline(tokenizer)` decides."""
-    from reft_jax.data.prompts import header_newline, rollout_prefix
+    built from questions end their P-CoT header with a newline or not (`header_newline`)."""
+    from reft_jax.data.prompts import rollout_prefix
     from reft_jax.data.sources import DataError, load_reft_json, read_jsonl_object
 
     path = pathlib.Path(path)
-    newline = True if tokenizer is None else header_newline(tokenizer)
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         return [{"prompt": rollout_prefix(ex.question, engine, newline), "item_id": ex.item_id,
@@ -126,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {model} has no tokenizer", file=sys.stderr)
         return 2
     if args.engine == "python":  # questions become prompts as this tokenizer needs (read above to fail early)
-        rows = read_prompts(args.prompts, args.engine, tokenizer)
+        from reft_jax.data.prompts import header_newline
+
+        rows = read_prompts(args.prompts, args.engine, header_newline(tokenizer, args.header_newline))
     start = time.perf_counter()
     result = generate(params, model_config, tokenizer, [r["prompt"] for r in rows], config,
                       jax.random.key(args.seed), batch_size=args.batch_size, progress=not args.no_progress,

@@ -111,14 +111,19 @@ def encode_sft(tokenizer: Any, example: "Example", engine: str, max_len: int,
 
 
 @functools.lru_cache(maxsize=16)
-def header_newline(tokenizer: Any) -> bool:
-    """Whether this tokenizer ends a P-CoT rollout prefix with the header's newline.
+def header_newline(tokenizer: Any, mode: str = "auto") -> bool:
+    """Whether a P-CoT rollout prefix ends with the header's newline (`data.header_newline`:
+    "always" as ReFT `main`, "never", or "auto" for this tokenizer, below).
 
     SFT trains on the program tokenised as a whole; a rollout continues from its header. ReFT's
     `main` appends `\"\"\"\n`, right for CodeLlama, whose newline is a token of its own. GPT-2-style
     BPEs (SmolLM2, Llama 3, Qwen2, the demo's) merge that newline with the next line's indent, so
     a prefix ending in a bare newline is a token sequence SFT never showed. As ReFT's newer branch
     ("decide by tokenizer"): keep the newline only where a token boundary follows it."""
+    if mode != "auto":
+        if mode not in ("always", "never"):
+            raise ValueError(f"header_newline must be auto, always or never, got {mode!r}")
+        return mode == "always"
     head = program_header("q")
     ids = tokenize(tokenizer, head + "    x = 1\n")
     for i in range(1, len(ids) + 1):

@@ -79,6 +79,9 @@ class Example:
     answer_cot: str | None = None
 
 
+HEADER_NEWLINE = ("auto", "always", "never")
+
+
 @dataclasses.dataclass
 class DataConfig:
     """Which data a run uses and how it is cut (config section `data`). The one data config:
@@ -97,6 +100,10 @@ class DataConfig:
     val_fraction: float = 0.0  # carve a validation split from train for model selection
     max_len: int = 1024  # SFT: total tokens per example (head kept)
     max_prompt_len: int = 300  # rollouts / evaluation: prompt tokens (head kept, as ReFT)
+    # P-CoT rollout prefix `def solution():\n    """q"""` then a newline: auto (where the tokenizer
+    # keeps it a token apart, as ReFT's newer branch; CodeLlama: yes, GPT-2-style BPEs: no) |
+    # always (ReFT main) | never. See prompts.header_newline.
+    header_newline: str = "auto"
     synthetic: dict = dataclasses.field(default_factory=dict)  # generator knobs (SyntheticConfig)
 
     def __post_init__(self) -> None:
@@ -111,6 +118,8 @@ class DataConfig:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.engine not in ("nl", "python"):
             raise ValueError(f"engine must be 'nl' or 'python', got {self.engine!r}")
+        if self.header_newline not in HEADER_NEWLINE:
+            raise ValueError(f"header_newline must be one of {HEADER_NEWLINE}, got {self.header_newline!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 

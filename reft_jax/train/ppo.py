@@ -227,7 +227,8 @@ class _Run:
     def prefixes(self, examples):
         ids = special_ids(self.tokenizer)
         return encode_prefixes(self.tokenizer, [ex.question for ex in examples], self.cfg.data.engine,
-                               self.cfg.data.max_prompt_len, ids.pad, self.cfg.prompt_bucket)
+                               self.cfg.data.max_prompt_len, ids.pad, self.cfg.prompt_bucket,
+                               self.cfg.data.header_newline)
 
 
 def _check_mesh(cfg: PPOConfig, mesh: Mesh) -> None:

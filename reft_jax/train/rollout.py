@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 from reft_jax import parallel
 from reft_jax import sampling
 from reft_jax.data.batches import bucket_length, left_pad
-from reft_jax.data.prompts import encode_prefix
+from reft_jax.data.prompts import encode_prefix, header_newline
 from reft_jax.data.sources import Example
 from reft_jax.metrics import Timer
 from reft_jax.model.config import ModelConfig
@@ -55,11 +55,12 @@ class Prefixes:
 
 
 def encode_prefixes(tokenizer: Any, questions: Sequence[str], engine: str, max_prompt_len: int,
-                    pad_id: int, bucket: int = 32) -> Prefixes:
-    """ReFT's rollout prefixes (P-CoT: with the ``def solution():`` header), each truncated to
-    ``max_prompt_len`` tokens keeping the head, left-padded to the longest rounded up to
-    ``bucket`` (few compiled shapes)."""
-    ids = [encode_prefix(tokenizer, q, engine, max_len=10**9) for q in questions]
+                    pad_id: int, bucket: int = 32, header: str = "auto") -> Prefixes:
+    """ReFT's rollout prefixes (P-CoT: with the ``def solution():`` header, its newline as
+    ``header`` says: `data.header_newline`), each truncated to ``max_prompt_len`` tokens keeping
+    the head, left-padded to the longest rounded up to ``bucket`` (few compiled shapes)."""
+    newline = header_newline(tokenizer, header)
+    ids = [encode_prefix(tokenizer, q, engine, max_len=10**9, newline=newline) for q in questions]
     truncated = sum(len(x) > max_prompt_len for x in ids)
     ids = [x[:max_prompt_len] for x in ids]
     width = bucket_length(max(len(x) for x in ids), bucket, max_prompt_len)

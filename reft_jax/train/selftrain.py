@@ -342,7 +342,7 @@ def onsl_batch(run: _Online, examples: Sequence[Example], key: jax.Array, params
 
     cfg, tok, sc = run.cfg, run.tokenizer, run.sample_config
     prefixes = encode_prefixes(tok, [ex.question for ex in examples], cfg.data.engine, cfg.data.max_prompt_len,
-                               sc.pad_id, cfg.prompt_bucket)
+                               sc.pad_id, cfg.prompt_bucket, cfg.data.header_newline)
     out = sampling.sample(params, prefixes.tokens, prefixes.mask, key, run.model_config, sc, mesh=run.mesh)
     tokens, mask, logprobs = jax.device_get((out.tokens, out.mask, out.logprobs))
     P = prefixes.tokens.shape[1]

@@ -112,6 +112,19 @@ def test_pcot_rollout_prefix_is_the_head_of_a_training_sequence(which, tokenizer
         assert tok.decode(head) == rollout_prefix(ex.question, "python", newline=expect)
     # N-CoT prefixes do not depend on it
     assert encode_prefix(tok, "How many?", "nl") == tokenize(tok, sft_prompt("How many?"))
+    # data.header_newline forces either ending (always: ReFT main)
+    from reft_jax.train.rollout import encode_prefixes
+
+    for mode, ending in (("always", '"""\n'), ("never", '"""'), ("auto", '"""\n' if expect else '"""')):
+        pre = encode_prefixes(tok, [EX_PY.question], "python", 300, 0, bucket=1, header=mode)
+        assert tok.decode(pre.tokens[0][pre.mask[0]]).endswith('?' + ending), mode
+
+
+def test_header_newline_setting_is_validated():
+    from reft_jax.data.sources import DataConfig
+
+    with pytest.raises(ValueError, match="header_newline must be one of .* got 'yes'"):
+        DataConfig(header_newline="yes")
 
 
 def test_special_ids_come_from_the_tokenizer(tokenizer):
