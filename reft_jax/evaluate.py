@@ -44,6 +44,15 @@ def eval_prefix(question: str, engine: str, prefix: str = "sft", newline: bool =
     raise ValueError(f"prefix must be one of {PREFIXES}, got {prefix!r}")
 
 
+def eval_prefixes(examples: Sequence[Any], data_cfg: Any, prefix: str, tokenizer: Any) -> list[str]:
+    """`eval_prefix` of every example; a P-CoT rollout header ends as `data_cfg.header_newline`
+    decides for this tokenizer."""
+    newline = True
+    if prefix == "rollout" and data_cfg.engine == "python":
+        newline = header_newline(tokenizer, data_cfg.header_newline)
+    return [eval_prefix(ex.question, data_cfg.engine, prefix, newline) for ex in examples]
+
+
 def scored_text(prefix_text: str, generated: str) -> str:
     """What ReFT scores: the text after the last COT trigger of prefix + generation (for a
     P-CoT rollout prefix: the program header followed by the generated body)."""
@@ -139,8 +148,7 @@ def evaluate(params: Any, model_config: Any, tokenizer: Any, examples: Sequence[
     import jax
 
     kind = answer_kind(data_cfg.dataset)
-    newline = header_newline(tokenizer, data_cfg.header_newline)
-    prefixes = [eval_prefix(ex.question, data_cfg.engine, prefix, newline) for ex in examples]
+    prefixes = eval_prefixes(examples, data_cfg, prefix, tokenizer)
     greedy_cfg, vote_cfg = sample_configs(eval_cfg, vote_k)
     greedy_rng, vote_rng = jax.random.split(rng)
     batch = eval_batch_size(eval_cfg.batch_size, mesh)

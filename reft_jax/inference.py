@@ -134,10 +134,7 @@ def sample_sets(params: Any, model_config: Any, tokenizer: Any, examples: Sequen
     tokens in all: the caller's config). Completions are the texts ReFT scores."""
     from reft_jax import evaluate as ev
 
-    from reft_jax.data.prompts import header_newline
-
-    newline = header_newline(tokenizer, data_cfg.header_newline)
-    prefixes = [ev.eval_prefix(ex.question, data_cfg.engine, prefix, newline) for ex in examples]
+    prefixes = ev.eval_prefixes(examples, data_cfg, prefix, tokenizer)
     generated = ev.generate_for_prefixes(params, model_config, tokenizer, prefixes, sample_config, rng,
                              ev.eval_batch_size(batch_size, mesh), mesh, show_progress, data_cfg.max_prompt_len)
     texts = [[ev.scored_text(p, g) for g in gs] for p, gs in zip(prefixes, generated)]

@@ -23,6 +23,19 @@ def test_prefixes_follow_reft():
         ev.eval_prefix(Q, "nl", "chat")
 
 
+def test_pcot_rollout_prefixes_end_as_the_tokenizer_needs():
+    """Evaluation builds P-CoT rollout prefixes with the header rule of `data.header_newline`;
+    the program scored is the same either way."""
+    from reft_jax.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([program_header(Q) + BODY] * 4, vocab_size=300)  # byte-level: merges "\n   "
+    auto = ev.eval_prefixes([EX], DataConfig(engine="python"), "rollout", tok)[0]
+    main = ev.eval_prefixes([EX], DataConfig(engine="python", header_newline="always"), "rollout", tok)[0]
+    assert main == ev.eval_prefix(Q, "python", "rollout") and auto == main[:-1]
+    assert ev.scored_text(auto, "\n" + BODY) == ev.scored_text(main, BODY) == (program_header(Q) + BODY).strip()
+    assert ev.eval_prefixes([EX], DataConfig(engine="nl"), "rollout", None) == [ev.eval_prefix(Q, "nl", "rollout")]
+
+
 def test_scored_text_rebuilds_the_program_from_the_rollout_header():
     rollout = ev.eval_prefix(Q, "python", "rollout")
     assert ev.scored_text(rollout, BODY + "\n") == (program_header(Q) + BODY).strip()
