@@ -56,6 +56,29 @@ def test_demo_on_a_real_model_and_dataset(tmp_path, capsys):
     assert any("train/exec_timeout" in r for r in rec)
 
 
+@pytest.mark.slow
+def test_shortened_pcot_demo_writes_programs_that_run(tmp_path, capsys):
+    """`reft demo --cot python`, shortened: the programs fit the length caps and the rollout
+    prefix continues the header as SFT tokenised it, so the sandbox gets answers from both
+    prefixes (once every P-CoT reward here was 0)."""
+    run_dir = tmp_path / "demo"
+    rc = cli.main(["demo", "--cot", "python", "--run-dir", str(run_dir), "sft.epochs=6", "sft.warmup_epoch=6",
+                   "sft.eval.every_epochs=6", "sft.data.max_train_examples=480", "sft.data.val_fraction=0.1",
+                   "sft.data.max_test_examples=16", "ppo.epochs=1", "ppo.batch_questions=64", "vote_k=0"])
+    assert rc == 0
+    assert "ReFT" in capsys.readouterr().out
+
+    def records(phase):
+        return [json.loads(x) for x in (run_dir / "seed0" / phase / "metrics.jsonl").read_text().splitlines()]
+
+    # greedy from the SFT prompt (SFT's eval) and from the rollout prefix, header included (PPO's
+    # eval of the warm-up): both write programs that run to an answer (reward >= 0.1 each)
+    sft = [r for r in records("sft") if "eval/val_mean_reward" in r][-1]["eval/val_mean_reward"]
+    warm = [r for r in records("ppo") if r.get("eval/epoch") == 0][0]["eval/val_mean_reward"]
+    assert sft >= 0.09 and warm >= 0.09, (sft, warm)
+    assert any("train/exec_timeout" in r for r in records("ppo"))  # the sandbox scored rollouts
+
+
 @pytest.mark.parametrize("cot", ["nl", "python"])
 def test_demo_length_caps_fit_every_synthetic_solution(cot):
     """`reft demo --cot {nl,python}` on the embedded problems: every training target fits the SFT
