@@ -29,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output .jsonl")
     parser.add_argument("--engine", choices=("nl", "python"), default="python",
                         help="prompt format for ReFT data files (default: python, i.e. P-CoT)")
-    parser.add_argument("--header-newline", choices=("auto", "always", "never"), default="auto",
+    from reft_jax.data.prompts import HEADER_NEWLINE
+
+    parser.add_argument("--header-newline", choices=HEADER_NEWLINE, default="auto",
                         help="end a P-CoT question's `def solution()` header with its newline: auto = where "
                              "the tokenizer keeps it a token apart (ReFT's newer branch), always = ReFT main")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (top-1)")

@@ -20,6 +20,7 @@ INSTRUCTION = "Question:\n"
 COT_TRIGGER = "\nAnswer reasoning:\n"
 ANSWER_TRIGGER = "\nTherefore, the answer is: "
 ENGINES = ("nl", "python")
+HEADER_NEWLINE = ("auto", "always", "never")  # `data.header_newline`, see header_newline
 
 
 def check_engine(engine: str) -> str:
@@ -121,8 +122,8 @@ def header_newline(tokenizer: Any, mode: str = "auto") -> bool:
     a prefix ending in a bare newline is a token sequence SFT never showed. As ReFT's newer branch
     ("decide by tokenizer"): keep the newline only where a token boundary follows it."""
     if mode != "auto":
-        if mode not in ("always", "never"):
-            raise ValueError(f"header_newline must be auto, always or never, got {mode!r}")
+        if mode not in HEADER_NEWLINE:
+            raise ValueError(f"header_newline must be one of {HEADER_NEWLINE}, got {mode!r}")
         return mode == "always"
     head = program_header("q")
     ids = tokenize(tokenizer, head + "    x = 1\n")

@@ -24,6 +24,7 @@ import tempfile
 import urllib.request
 from typing import Any
 
+from reft_jax.data.prompts import HEADER_NEWLINE
 from reft_jax.reward.answers import MCQ, answer_kind, normalize_mcq
 
 DATASETS = ("gsm8k", "svamp", "mathqa", "mathqa-numeric", "synthetic")
@@ -77,9 +78,6 @@ class Example:
     question: str
     answer_value: str
     answer_cot: str | None = None
-
-
-HEADER_NEWLINE = ("auto", "always", "never")
 
 
 @dataclasses.dataclass
