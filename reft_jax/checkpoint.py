@@ -30,6 +30,7 @@ from reft_jax.config import to_dict
 
 COMMIT_MARKER = "commit_success.txt"  # written by Orbax as the last act of a save
 UNUSABLE_DIR = "_unusable"  # where damaged steps are moved; not a step name, so Orbax ignores it
+SELFTRAIN_MARKER = "selftrain.json"  # in a self-training run directory: which baseline it is
 
 
 class CheckpointError(RuntimeError):
@@ -280,6 +281,33 @@ class Checkpointer:
         self._barriers += 1
         ocp.multihost.sync_global_processes(f"reft_checkpoint_move_aside_{self._barriers}")
         self._mgr.reload()
+
+
+def checkpoint_step(ckpt: "Checkpointer", selector: str) -> int:
+    """Resolve latest | best | epoch:K | <int> to a step number of `ckpt`."""
+    steps = ckpt.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {ckpt.directory}")
+    if selector in ("latest", "warmup"):
+        return steps[-1]
+    if selector == "best":
+        best = ckpt.best_step()
+        if best is None:  # a reader that does not know the metric's name: the run's own record
+            best = (ckpt.read_meta(steps[-1]).get("best") or {}).get("step")
+        if best is None or best not in steps:
+            raise FileNotFoundError(f"{ckpt.directory}: no checkpoint carries a metric, so none is best")
+        return best
+    if selector.startswith("epoch:"):
+        k = int(selector.split(":", 1)[1])
+        for s in steps:
+            meta = ckpt.read_meta(s)
+            if meta.get("epoch_end") == k:
+                return s
+        raise FileNotFoundError(f"{ckpt.directory}: no checkpoint at the end of epoch {k}")
+    step = int(selector)
+    if step not in steps:
+        raise FileNotFoundError(f"{ckpt.directory}: no step {step}; steps there: {steps}")
+    return step
 
 
 def _brief(err: Exception, limit: int = 400) -> str:

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
+from reft_jax.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -201,3 +203,22 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
 
     return jax.tree.map(one, batch)
+
+
+def build_mesh(cfg: MeshConfig) -> Mesh:
+    """The run's mesh. Fixed axis sizes asking for fewer devices than present use the first
+    ones (e.g. a one-device run on a multi-device host, for debugging or comparisons)."""
+    sizes = (cfg.data, cfg.fsdp, cfg.tensor)
+    wanted = math.prod(sizes)
+    if -1 not in sizes and wanted < jax.device_count():
+        return make_mesh(cfg, jax.devices()[:wanted])
+    return make_mesh(cfg)
+
+
+def check_batch(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
+    """Every micro-batch must split evenly over the batch axes of the mesh."""
+    div = batch_divisor(mesh) * grad_accum
+    if batch_size % div:
+        raise ConfigError(
+            f"must be a multiple of data*fsdp*grad_accum = {div} (mesh {dict(mesh.shape)})",
+            key="batch_size", value=batch_size)

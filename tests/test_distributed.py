@@ -17,7 +17,7 @@ import pytest
 import _multiprocess_worker as worker
 from reft_jax import distributed, parallel
 from reft_jax.checkpoint import Checkpointer
-from reft_jax.train import common
+from reft_jax.train import run as common
 from reft_jax.train.state import make_optimizer
 
 WORKER = pathlib.Path(worker.__file__)

@@ -12,7 +12,7 @@ import pytest
 
 from reft_jax import memory, parallel
 from reft_jax.model.config import ModelConfig
-from reft_jax.train import common, sharded
+from reft_jax.train import run as common, sharded
 from reft_jax.train.sft_step import make_sft_step
 from reft_jax.train.state import OptimConfig, make_optimizer
 

@@ -4,7 +4,7 @@
     .venv/bin/python experiments/benchmarks/bench_sampler.py --quick       # smoke run
     .venv/bin/python experiments/benchmarks/bench_sampler.py --one-core    # both pinned to one core
 
-For each dtype and batch size: our `reft_jax.sampling.sample` (greedy, and pure sampling as in
+For each dtype and batch size: our `reft_jax.rollout.sampler.sample` (greedy, and pure sampling as in
 ReFT rollouts) and transformers' `generate` (greedy, same prompts, same number of new tokens,
 no early stop), on the same random prompts of `--prompt-len` tokens. Throughput counts new
 tokens, prefill included; compilation is reported apart. It is given per wall second and per
@@ -117,7 +117,7 @@ def roofline(cfg, batch: int, prompt_len: int, new_tokens: int, bandwidth: float
 
 def bench_ours(params, cfg, prompts: np.ndarray, new_tokens: int, greedy: bool, repeats: int):
     """(compile seconds, best (wall, cpu) of the timed runs)."""
-    from reft_jax import sampling
+    from reft_jax.rollout import sampler as sampling
 
     config = sampling.SampleConfig(max_new_tokens=new_tokens, greedy=greedy)  # no EOS: full length
     mask = np.ones(prompts.shape, bool)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 
+from reft_jax.data.formats import ENGINES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML overriding the embedded DemoConfig")
     parser.add_argument("--model", help="HF directory or GGUF to fine-tune instead of a tiny model from scratch")
     parser.add_argument("--dataset", help="gsm8k | svamp | mathqa | mathqa-numeric (default: synthetic)")
-    parser.add_argument("--cot", choices=("nl", "python"), help="N-CoT (nl) or P-CoT (python)")
+    parser.add_argument("--cot", choices=ENGINES, help="N-CoT (nl) or P-CoT (python)")
     parser.add_argument("--run-dir", help="where to write the run (default runs/demo)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
@@ -56,7 +58,7 @@ def shortcut_overrides(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from reft_jax.commands._training import run_training
-    from reft_jax.demo import DemoConfig, run_demo
+    from reft_jax.experiment.demo import DemoConfig, run_demo
 
     args.overrides = shortcut_overrides(args) + list(args.overrides)
     return run_training("demo", DemoConfig, run_demo, args, print_summary=False)

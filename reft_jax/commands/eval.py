@@ -10,6 +10,8 @@ import pathlib
 import json
 import sys
 
+from reft_jax.data.formats import ENGINES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="reft run directory, HF directory or .gguf file")
@@ -17,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="a ReFT-format JSON file (item_id, question, answer_value)")
     source.add_argument("--dataset", help="gsm8k | svamp | mathqa | mathqa-numeric | synthetic (its test split)")
-    parser.add_argument("--engine", required=True, choices=("nl", "python"), help="N-CoT or P-CoT")
+    parser.add_argument("--engine", required=True, choices=ENGINES, help="N-CoT or P-CoT")
     parser.add_argument("--vote", type=int, default=0, metavar="K", help="also voting@K and pass@K")
     parser.add_argument("--strategy", choices=("greedy", "vote", "rerank"), default=None,
                         help="greedy top-1 only; vote: + voting@K; rerank: + rerank@K (and voting@K) "
@@ -82,10 +84,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     import jax
 
     from reft_jax import distributed
-    from reft_jax import evaluate as ev
+    from reft_jax.eval import evaluate as ev
     from reft_jax.parallel import MeshConfig
-    from reft_jax.train.common import DataConfig, EvalConfig, ModelSpec, build_policy
-    from reft_jax.train.sft import build_mesh
+    from reft_jax.train.run import DataConfig, EvalConfig, ModelSpec, build_policy
+    from reft_jax.parallel import build_mesh
 
     strategy = args.strategy or ("vote" if args.vote else "greedy")
     k = args.k or args.vote
@@ -141,8 +143,8 @@ def _record(args: argparse.Namespace, strategy: str, k: int, metrics: dict) -> N
     """A reft run directory keeps the result for `reft report` (full test split only)."""
     import jax
 
-    from reft_jax.report import checkpoint_epoch, write_eval_summary
-    from reft_jax.train.common import is_run_dir
+    from reft_jax.eval.report import checkpoint_epoch, write_eval_summary
+    from reft_jax.train.run import is_run_dir
 
     if args.max_examples is None and is_run_dir(args.checkpoint) and jax.process_index() == 0:
         epoch, step = checkpoint_epoch(args.checkpoint, args.step)

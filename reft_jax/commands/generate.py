@@ -1,6 +1,6 @@
 """`reft generate`: load a model (HF directory or GGUF) and greedily continue a prompt.
 
-Decoding goes through the sampler's host API (`reft_jax.generation`). `greedy_fn` below is the
+Decoding goes through the sampler's host API (`reft_jax.rollout.generation`). `greedy_fn` below is the
 original minimal greedy loop, kept as an independent reference for the importer's parity tests.
 """
 from __future__ import annotations
@@ -92,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # BatchEncoding in v5
     else:
         ids = tokenizer(args.prompt)["input_ids"]
-    from reft_jax.generation import generate
-    from reft_jax.sampling import SampleConfig
+    from reft_jax.rollout.generation import generate
+    from reft_jax.rollout.sampler import SampleConfig
 
     print(f"prompt: {len(ids)} tokens; generating up to {args.max_new_tokens} greedily", flush=True)
     t0 = time.perf_counter()

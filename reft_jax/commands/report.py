@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reft_jax.report import report
+    from reft_jax.eval.report import report
 
     try:
         table, written = report(args.run_dirs, args.out)

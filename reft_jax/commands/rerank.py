@@ -15,6 +15,7 @@ import json
 import sys
 
 from reft_jax.commands._training import add_config_arguments, run_training
+from reft_jax.data.formats import ENGINES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     score.add_argument("--step", default="best", help="latest | best | <step> (default best)")
     score.add_argument("--samples", required=True, help="samples JSONL (e.g. from `reft sample --n K`)")
     score.add_argument("--dataset", required=True, help="gsm8k | svamp | mathqa | mathqa-numeric | synthetic")
-    score.add_argument("--engine", required=True, choices=("nl", "python"))
+    score.add_argument("--engine", required=True, choices=ENGINES)
     score.add_argument("--split", default="test", help="split to look questions / answers up in")
     score.add_argument("--data-dir", default=None)
     score.add_argument("--batch-size", type=int, default=24)
@@ -36,12 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _score(args: argparse.Namespace) -> int:
     import contextlib
 
-    from reft_jax.evaluate import write_predictions
-    from reft_jax.inference import load_sample_sets
+    from reft_jax.eval.evaluate import write_predictions
+    from reft_jax.eval.inference import load_sample_sets
     from reft_jax.parallel import MeshConfig
     from reft_jax.reward.answers import answer_kind
-    from reft_jax.train.common import DataConfig
-    from reft_jax.train.sft import build_mesh
+    from reft_jax.train.run import DataConfig
+    from reft_jax.parallel import build_mesh
     from reft_jax.train.verifier import load_verifier, rerank
 
     data = DataConfig(dataset=args.dataset, engine=args.engine, data_dir=args.data_dir)

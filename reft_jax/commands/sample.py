@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Any
 
+from reft_jax.data.formats import ENGINES
+
 PASS_THROUGH = ("item_id", "answer_value")
 
 
@@ -27,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", required=True,
                         help="JSONL with a `prompt` per line, or a ReFT data JSON list with `question`")
     parser.add_argument("--out", required=True, help="output .jsonl")
-    parser.add_argument("--engine", choices=("nl", "python"), default="python",
+    parser.add_argument("--engine", choices=ENGINES, default="python",
                         help="prompt format for ReFT data files (default: python, i.e. P-CoT)")
     from reft_jax.data.prompts import HEADER_NEWLINE
 
@@ -95,7 +97,7 @@ def output_rows(rows: list[dict[str, Any]], texts: list[list[str]], n: int) -> l
 
 
 def sample_config_from_args(args: argparse.Namespace):
-    from reft_jax.sampling import SampleConfig
+    from reft_jax.rollout.sampler import SampleConfig
 
     return SampleConfig(max_new_tokens=args.max_new_tokens, max_total_len=args.max_total_len,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from reft_jax.data.sources import DataError
-    from reft_jax.generation import generate
+    from reft_jax.rollout.generation import generate
     from reft_jax.model.io import ModelLoadError, load_model
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -18,6 +18,7 @@ import pathlib
 import sys
 import time
 
+from reft_jax.data.formats import ENGINES
 from reft_jax.data.prompts import sft_target
 from reft_jax.data.sources import (DATASETS, DataError, check_answer, load_gsm8k_jsonl,
                                    load_reft_json, read_jsonl_object, require_str)
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("predictions", nargs="?", help="JSONL: completion + answer_value (or item_id)")
     parser.add_argument("--dataset", choices=[d for d in DATASETS if d != "synthetic"] + ["synthetic"],
                         help="answer kind source (default: from the item ids)")
-    parser.add_argument("--engine", choices=("nl", "python"), required=True)
+    parser.add_argument("--engine", choices=ENGINES, required=True)
     parser.add_argument("--data", help="ReFT JSON file to look up gold answers by item_id")
     parser.add_argument("--reference", help="score this data file's own answer_cot instead")
     parser.add_argument("--out", help="write one JSON line per input: prediction, status, reward")

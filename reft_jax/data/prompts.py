@@ -12,21 +12,11 @@ import dataclasses
 import functools
 from typing import TYPE_CHECKING, Any
 
+from reft_jax.data.formats import (ANSWER_TRIGGER, COT_TRIGGER, ENGINES, HEADER_NEWLINE,  # noqa: F401
+                                   INSTRUCTION, Example, check_engine)
+
 if TYPE_CHECKING:  # numpy-backed; imported lazily so the reward path stays light
     from reft_jax.data.batches import Encoded
-    from reft_jax.data.sources import Example
-
-INSTRUCTION = "Question:\n"
-COT_TRIGGER = "\nAnswer reasoning:\n"
-ANSWER_TRIGGER = "\nTherefore, the answer is: "
-ENGINES = ("nl", "python")
-HEADER_NEWLINE = ("auto", "always", "never")  # `data.header_newline`, see header_newline
-
-
-def check_engine(engine: str) -> str:
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    return engine
 
 
 def sft_prompt(question: str) -> str:

@@ -18,14 +18,13 @@ import hashlib
 import json
 import os
 import pathlib
-import re
 import shutil
 import tempfile
 import urllib.request
 from typing import Any
 
-from reft_jax.data.prompts import HEADER_NEWLINE
-from reft_jax.reward.answers import MCQ, answer_kind, normalize_mcq
+from reft_jax.data.formats import (ENGINES, HEADER_NEWLINE, MCQ, DataError, Example,  # noqa: F401
+                                   answer_kind, gsm8k_solution, normalize_mcq)
 
 DATASETS = ("gsm8k", "svamp", "mathqa", "mathqa-numeric", "synthetic")
 SPLITS = ("train", "test")
@@ -54,30 +53,6 @@ REMOTE: dict[str, tuple[str, str | None]] = {
     "reft/mathqa-numeric_nl.json": (_REFT + "mathqa-numeric_nl.json", None),
     "reft/mathqa-numeric_python_sdp.json": (_REFT + "mathqa-numeric_python_sdp.json", None),
 }
-
-
-class DataError(ValueError):
-    """A data file that cannot be used; the message names file, row and field."""
-
-    def __init__(self, message: str, file: str | os.PathLike | None = None,
-                 row: int | str | None = None, field: str | None = None):
-        self.file, self.row, self.field = file, row, field
-        where = [str(file)] if file is not None else []
-        if row is not None:  # an int is a list index; a str is already a label ("line 7")
-            where.append(row if isinstance(row, str) else f"row {row}")
-        if field is not None:
-            where.append(f"field {field!r}")
-        super().__init__(": ".join(where + [message]))
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """One problem. All strings, as in ReFT's files; answer_cot is None for test rows."""
-
-    item_id: str
-    question: str
-    answer_value: str
-    answer_cot: str | None = None
 
 
 @dataclasses.dataclass
@@ -114,7 +89,7 @@ class DataConfig:
             raise ValueError("the TFDS source has GSM8K human (N-CoT) solutions only")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        if self.engine not in ("nl", "python"):
+        if self.engine not in ENGINES:
             raise ValueError(f"engine must be 'nl' or 'python', got {self.engine!r}")
         if self.header_newline not in HEADER_NEWLINE:
             raise ValueError(f"header_newline must be one of {HEADER_NEWLINE}, got {self.header_newline!r}")
@@ -288,23 +263,6 @@ def read_jsonl_object(line: str, path, lineno: int) -> dict:
     return row
 
 
-_CALC = re.compile(r"<<[^<>]*>>")
-
-
-def gsm8k_solution(answer: str) -> tuple[str, str]:
-    """(N-CoT, answer_value) from a GSM8K human solution: calculator annotations `<<a*b=c>>`
-    removed, the final `#### n` line dropped, n without thousands commas."""
-    body, sep, final = answer.rpartition("\n#### ")
-    if not sep:
-        raise ValueError("no final '#### <answer>' line")
-    value = final.replace(",", "").strip()
-    float(value)  # ValueError for a non-numeric answer
-    cot = _CALC.sub("", body).strip()
-    if "<<" in cot or ">>" in cot:
-        raise ValueError("unbalanced calculator annotation")
-    return cot, value
-
-
 def load_gsm8k_jsonl(path: str | os.PathLike, prefix: str = "gsm8k") -> list[Example]:
     """The original GSM8K jsonl as N-CoT rows; item_id `gsm8k_<row>` (the ReFT test ids)."""
     path = pathlib.Path(path)
@@ -351,7 +309,7 @@ def _check(name: str, split: str, engine: str) -> None:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if engine not in ("nl", "python"):
+    if engine not in ENGINES:
         raise ValueError(f"engine must be 'nl' or 'python', got {engine!r}")
 
 

@@ -21,7 +21,7 @@ import json
 import pathlib
 import random
 
-from reft_jax.data.sources import Example
+from reft_jax.data.formats import ENGINES, Example
 
 OPERATIONS = ("add", "sub", "mul", "div")
 _SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
@@ -168,8 +168,8 @@ def generate_problems(cfg: SyntheticConfig, split: str) -> list[Problem]:
 def generate(cfg: SyntheticConfig, split: str, engine: str) -> list[Example]:
     """ReFT-format rows: train rows carry the engine's CoT, test rows none (as ReFT's test
     files). Ids continue across splits: `synthetic_0..` train, then test."""
-    if engine not in ("nl", "python"):
-        raise ValueError(f"engine must be 'nl' or 'python', got {engine!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     offset = 0 if split == "train" else cfg.num_train
     rows = []
     for i, p in enumerate(generate_problems(cfg, split)):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import pathlib
 
-from reft_jax.data.sources import DataError, Example, gsm8k_solution
+from reft_jax.data.formats import DataError, Example, gsm8k_solution
 
 
 def _tfds():

@@ -11,36 +11,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from reft_jax.data.prompts import ANSWER_TRIGGER, COT_TRIGGER
+from reft_jax.data.formats import (ANSWER_TRIGGER, COT_TRIGGER, KINDS, MCQ, NUMERIC,  # noqa: F401
+                                   answer_kind, normalize_mcq)
 
-NUMERIC, MCQ = "numeric", "mcq"
-KINDS = (NUMERIC, MCQ)
 MCQ_OPTIONS = frozenset("abcde")
 TOLERANCE = 1e-2  # absolute, as in the official code (loose for small MathQA-numeric answers)
 
-_DATASET_KINDS = {"gsm8k": NUMERIC, "svamp": NUMERIC, "mathqa-numeric": NUMERIC,
-                  "synthetic": NUMERIC, "mathqa": MCQ}
-
 Prediction = float | str | None
-
-
-def answer_kind(dataset: str) -> str:
-    """'numeric' or 'mcq' for a dataset name (or an item_id prefix such as `svamp_12`)."""
-    name = dataset if dataset in _DATASET_KINDS else dataset.rsplit("_", 1)[0]
-    if name not in _DATASET_KINDS:
-        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(_DATASET_KINDS)}")
-    return _DATASET_KINDS[name]
 
 
 def check_kind(kind: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"answer kind must be one of {KINDS}, got {kind!r}")
     return kind
-
-
-def normalize_mcq(text: Any) -> str:
-    """ReFT's MathQA normalisation: `str(x).lower()`, drop `"` and `'`, strip."""
-    return str(text).lower().replace('"', "").replace("'", "").strip()
 
 
 def floatify(x: Any) -> float | None:

@@ -42,13 +42,15 @@ from reft_jax.parallel import MeshConfig
 from reft_jax.reward.answers import answer_kind
 from reft_jax.reward.reward import RewardConfig
 from reft_jax.reward.sandbox import SandboxConfig
-from reft_jax.sampling import SampleConfig
+from reft_jax.rollout.sampler import SampleConfig
 from reft_jax.train import ppo_math, ppo_step, sharded
-from reft_jax.train.common import (DataConfig, EvalConfig, ModelSpec, build_policy, save_run_artifacts,
+from reft_jax.train.run import (DataConfig, EvalConfig, ModelSpec, build_policy, save_run_artifacts,
                                    state_abstract)
-from reft_jax.train.rollout import RolloutEngine, encode_prefixes, scores_on_mesh, status_counts
-from reft_jax.train.sft import (NAN_POLICIES, Splits, TrainingDiverged, all_finite, config_drift, open_run,
-                                build_mesh, load_examples, tokenizer_corpus)
+from reft_jax.rollout.engine import RolloutEngine, encode_prefixes, scores_on_mesh, status_counts
+from reft_jax.train.loop import NAN_POLICIES, TrainingDiverged, all_finite
+from reft_jax.data.splits import Splits, load_examples, tokenizer_corpus
+from reft_jax.train.run import config_drift, open_run
+from reft_jax.parallel import build_mesh
 from reft_jax.train.state import OptimConfig, TrainState, make_optimizer
 
 __all__ = ["PPOConfig", "TrainingDiverged", "run_ppo", "step_config", "derived_sizes"]
@@ -214,6 +216,7 @@ class _Run:
     tokenizer: Any
     ref_params: Any
     engine: RolloutEngine
+    score: Callable  # the jitted score pass (policy log-probs + values, reference log-probs)
     assemble: Callable
     update: Callable | None  # jitted on first use (needs a state to take shardings from)
     update_fn: Callable
@@ -287,13 +290,14 @@ def _setup(cfg: PPOConfig, stack: contextlib.ExitStack) -> tuple[_Run, TrainStat
         from reft_jax.reward.sandbox import ProgramExecutor
 
         executor = stack.enter_context(ProgramExecutor(cfg.sandbox))
-    engine = RolloutEngine(model_config, sample_config(cfg, eos_ids, ids.pad), step_cfg, tokenizer, mesh,
+    engine = RolloutEngine(model_config, sample_config(cfg, eos_ids, ids.pad), tokenizer, mesh,
                            answer_kind(cfg.data.dataset), cfg.data.engine, executor, cfg.reward,
-                           cfg.length_bucket, cfg.profile_sync)
+                           cfg.length_bucket, keep_sampler_logp=cfg.sampler_logprobs, sync=cfg.profile_sync)
     print(f"[ppo] {run_dir}\n" + config_lib.describe_derived(derived_sizes(cfg, splits, model_config, mesh)),
           flush=True)
     batch_sh = parallel.batch_sharding(mesh, 2)
     run = _Run(cfg, run_dir, mesh, splits, model_config, tokenizer, ref_params, engine,
+               score=jax.jit(lambda p, r, ro: ppo_step.score_pass(p, r, ro, model_config, step_cfg)),
                assemble=jax.jit(lambda s, ro, sc: ppo_step.assemble(s, ro, sc, step_cfg)),
                update=None, update_fn=ppo_step.make_ppo_update(model_config, tx, step_cfg),
                take_rows=jax.jit(lambda b, idx: jax.tree.map(lambda x: jnp.take(x, idx, axis=0), b),
@@ -354,7 +358,7 @@ def _step_record(stats: dict, updates: list[dict], rewards, timer: Timer, prefix
 # ----------------------------------------------------------------------------------------------
 def _evaluate(run: _Run, params: Any, epoch: int, step: int) -> dict[str, float]:
     """Greedy top-1 with the rollout prefix and ReFT's RL length cap on test and val."""
-    from reft_jax import evaluate as ev
+    from reft_jax.eval import evaluate as ev
 
     out: dict[str, float] = {}
     start = time.perf_counter()
@@ -423,7 +427,9 @@ def _rollout_step(run: _Run, state: TrainState, step: int, examples: list, prefi
     """
     start = time.perf_counter()
     key = jax.random.fold_in(state.rng, step)
-    batch, scored, rewards = run.engine.run(state.params, run.ref_params, prefixes, examples, key, timer)
+    ro = run.engine.run(state.params, prefixes, examples, key, timer,
+                        on_device=lambda b: run.score(state.params, run.ref_params, b))
+    batch, scored, rewards = ro.batch, ro.device, ro.rewards
     with timer("update") as span:
         ppo_batch, stats = run.assemble(scored, batch, scores_on_mesh(rewards.scores, run.mesh))
         state, updates = _ppo_updates(run, state, ppo_batch, step)

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from reft_jax import config as config_lib
-from reft_jax import inference
+from reft_jax.eval import inference
 from reft_jax import parallel
 from reft_jax.checkpoint import Checkpointer, improves
 from reft_jax.data.batches import bucket_length, epoch_batches, pad_sft_batch, steps_per_epoch
@@ -42,9 +42,9 @@ from reft_jax.parallel import MeshConfig
 from reft_jax.reward.answers import answer_kind
 from reft_jax.reward.reward import RewardConfig
 from reft_jax.reward.sandbox import SandboxConfig
-from reft_jax.sampling import SampleConfig
+from reft_jax.rollout.sampler import SampleConfig
 from reft_jax.train import sharded
-from reft_jax.train.common import DataConfig, EvalConfig, ModelSpec, build_policy, save_run_artifacts, state_abstract
+from reft_jax.train.run import DataConfig, EvalConfig, ModelSpec, build_policy, save_run_artifacts, state_abstract
 from reft_jax.train.sft import SFTConfig, run_sft
 from reft_jax.train.sft_step import sequence_nll
 from reft_jax.train.state import (OptimConfig, TrainState, accumulate_gradients, apply_gradients,
@@ -109,7 +109,7 @@ class OfflineConfig:
 def _offline_samples(cfg: OfflineConfig, train: list[Example], stack: contextlib.ExitStack
                      ) -> list[inference.SampleSet]:
     """The train-split samples: from `cfg.samples`, or drawn from the warm-up checkpoint now."""
-    from reft_jax.train.sft import build_mesh
+    from reft_jax.parallel import build_mesh
 
     data = cfg.sft.data
     if cfg.samples is not None:
@@ -136,7 +136,7 @@ def _offline_samples(cfg: OfflineConfig, train: list[Example], stack: contextlib
 
 def run_offline(cfg: OfflineConfig) -> dict[str, Any]:
     """Sample (or read) the warm-up's train samples, build the rows, run the SFT recipe."""
-    from reft_jax.train.sft import load_examples
+    from reft_jax.data.splits import load_examples
 
     cfg.validate()
     cfg.sft.validate()
@@ -155,7 +155,7 @@ def run_offline(cfg: OfflineConfig) -> dict[str, Any]:
 
 def _mark(run_dir: str, mode: str, **info: Any) -> None:
     """`selftrain.json`: tells `reft report` (and a reader) which baseline the run is."""
-    from reft_jax.report import SELFTRAIN_MARKER
+    from reft_jax.checkpoint import SELFTRAIN_MARKER
 
     if jax.process_index() == 0:
         path = pathlib.Path(run_dir) / SELFTRAIN_MARKER
@@ -284,7 +284,9 @@ class _Online:
 
 
 def _setup_online(cfg: OnlineConfig, stack: contextlib.ExitStack) -> tuple[_Online, TrainState, dict]:
-    from reft_jax.train.sft import build_mesh, load_examples, open_run, tokenizer_corpus
+    from reft_jax.parallel import build_mesh
+    from reft_jax.data.splits import load_examples, tokenizer_corpus
+    from reft_jax.train.run import open_run
 
     run_dir = pathlib.Path(cfg.run_dir)
     mesh = build_mesh(cfg.mesh)
@@ -337,8 +339,8 @@ def onsl_batch(run: _Online, examples: Sequence[Example], key: jax.Array, params
                ) -> tuple[dict[str, np.ndarray], Any]:
     """One rollout (ReFT's, via the PPO rollout pieces) and the gold rows: the host batch and
     the rewards."""
-    from reft_jax import sampling
-    from reft_jax.train.rollout import decode_texts, encode_prefixes, score_rollouts, trim_rollout
+    from reft_jax.rollout import sampler as sampling
+    from reft_jax.rollout.engine import decode_texts, encode_prefixes, score_rollouts, trim_rollout
 
     cfg, tok, sc = run.cfg, run.tokenizer, run.sample_config
     prefixes = encode_prefixes(tok, [ex.question for ex in examples], cfg.data.engine, cfg.data.max_prompt_len,
@@ -369,7 +371,7 @@ def _local(batch: dict[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]:
 
 def _evaluate_online(run: _Online, params: Any, epoch: int, step: int) -> dict[str, float]:
     """Greedy top-1 on the test split with the rollout prefix and the RL length cap."""
-    from reft_jax import evaluate as ev
+    from reft_jax.eval import evaluate as ev
 
     if not run.splits.test:
         return {}

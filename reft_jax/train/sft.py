@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import pathlib
-import random
 import time
 from typing import Any, Callable, Sequence
 
@@ -29,24 +27,19 @@ from reft_jax import config as config_lib
 from reft_jax import parallel
 from reft_jax.checkpoint import Checkpointer, improves
 from reft_jax.data.batches import Encoded, bucket_length, epoch_batches, pad_sft_batch, steps_per_epoch
-from reft_jax.data.prompts import encode_sft, special_ids, sft_prompt, sft_target
+from reft_jax.data.prompts import encode_sft, special_ids
 from reft_jax.data.sources import Example
 from reft_jax.distributed import process_batch_slice
 from reft_jax.metrics import MetricsWriter, plot_metrics, progress
 from reft_jax.model.config import ModelConfig
-from reft_jax.parallel import MeshConfig
+from reft_jax.data.splits import Splits, load_examples, tokenizer_corpus
+from reft_jax.parallel import MeshConfig, build_mesh, check_batch
 from reft_jax.train import sharded
-from reft_jax.train.common import (DataConfig, EvalConfig, ModelSpec, build_policy, save_run_artifacts,
-                                   state_abstract)
+from reft_jax.train.loop import NAN_POLICIES, TrainingDiverged, all_finite
+from reft_jax.train.run import (DataConfig, EvalConfig, ModelSpec, build_policy, config_drift, open_run,
+                                save_run_artifacts, state_abstract)
 from reft_jax.train.sft_step import make_sft_step
 from reft_jax.train.state import OptimConfig, TrainState, make_optimizer, make_schedule, num_warmup_steps
-
-NAN_POLICIES = ("stop", "skip")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss (or gradient norm) became NaN/inf; nothing was saved after the last good step."""
-
 
 @dataclasses.dataclass
 class SFTConfig:
@@ -95,38 +88,6 @@ class SFTConfig:
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Splits:
-    train: list[Example]
-    val: list[Example]
-    test: list[Example]
-
-
-def split_validation(rows: Sequence[Example], fraction: float, seed: int) -> tuple[list, list]:
-    """(train, val): a seeded random `fraction` of the rows held out, both in file order."""
-    n_val = int(round(len(rows) * fraction))
-    held = set(random.Random(f"reft-val/{seed}").sample(range(len(rows)), n_val))
-    return ([r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held])
-
-
-def load_examples(data: DataConfig, seed: int) -> Splits:
-    """Train / val / test rows as the config cuts them (prefixes first, then the val carve;
-    `max_test_examples=0` means no test split, hence no evaluation)."""
-    from reft_jax.data.sources import load_config_dataset
-
-    train = load_config_dataset(data, "train")[: data.max_train_examples]
-    test = load_config_dataset(data, "test")[: data.max_test_examples] if data.max_test_examples != 0 else []
-    train, val = split_validation(train, data.val_fraction, seed)
-    if not train:
-        raise ValueError("no training examples (check data.max_train_examples / val_fraction)")
-    return Splits(train, val, test)
-
-
-def tokenizer_corpus(rows: Sequence[Example], engine: str) -> list[str]:
-    """Texts a from-scratch tokenizer is trained on: every training prompt and target."""
-    return [sft_prompt(r.question) + sft_target(r, engine) for r in rows]
-
-
 def make_batch(encoded: Sequence[Encoded], indices: Sequence[int], batch_size: int, bucket: int,
                max_len: int, pad_id: int) -> dict[str, np.ndarray]:
     """A right-padded batch of `batch_size` rows (a short last batch gets zero-weight rows),
@@ -139,25 +100,6 @@ def make_batch(encoded: Sequence[Encoded], indices: Sequence[int], batch_size: i
 # ----------------------------------------------------------------------------------------------
 # Setup
 # ----------------------------------------------------------------------------------------------
-def build_mesh(cfg: MeshConfig) -> Mesh:
-    """The run's mesh. Fixed axis sizes asking for fewer devices than present use the first
-    ones (e.g. a one-device run on a multi-device host, for debugging or comparisons)."""
-    sizes = (cfg.data, cfg.fsdp, cfg.tensor)
-    wanted = math.prod(sizes)
-    if -1 not in sizes and wanted < jax.device_count():
-        return parallel.make_mesh(cfg, jax.devices()[:wanted])
-    return parallel.make_mesh(cfg)
-
-
-def check_batch(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
-    """Every micro-batch must split evenly over the batch axes of the mesh."""
-    div = parallel.batch_divisor(mesh) * grad_accum
-    if batch_size % div:
-        raise config_lib.ConfigError(
-            f"must be a multiple of data*fsdp*grad_accum = {div} (mesh {dict(mesh.shape)})",
-            key="batch_size", value=batch_size)
-
-
 def guard_step(step: Callable, schedule: Callable, nan_policy: str) -> Callable:
     """Adds the scheduled LR to the metrics; with `skip`, a non-finite update is dropped inside
     the jitted step (the old state is kept) and `skipped` = 1 is reported."""
@@ -180,40 +122,6 @@ def _fresh_state(cfg: SFTConfig, mesh: Mesh, train: list[Example], tx) -> tuple[
     return model_config, tokenizer, sharded.create_state(params, tx, jax.random.key(cfg.seed), mesh)
 
 
-def saved_policy(run_dir: pathlib.Path) -> tuple[ModelConfig, Any]:
-    """Model config and tokenizer of an existing run (a resumed run never rebuilds them)."""
-    from reft_jax.model.tokenizer_io import load_tokenizer
-
-    saved = json.loads((run_dir / "model_config.json").read_text())
-    return ModelConfig(**saved), load_tokenizer(run_dir / "tokenizer")
-
-
-def open_run(stack: contextlib.ExitStack, run_dir: pathlib.Path, keep: int | None, best_metric: str | None,
-             abstract: Callable[[ModelConfig], Any]) -> tuple[Checkpointer, Any, ModelConfig | None, Any]:
-    """(checkpointer, restored (state, meta) or None, model config, tokenizer) of a run directory.
-    Half-written steps are removed; when a step exists, the run's own model config and tokenizer
-    come back with it (a resumed run never rebuilds them), else both are None.
-    `abstract(model_config)` gives the checkpointed state's ShapeDtypeStructs."""
-    ckpt = stack.enter_context(Checkpointer(run_dir / "checkpoints", keep=keep, best_metric=best_metric,
-                                            clean_partial=True))
-    if not ckpt.all_steps():
-        return ckpt, None, None, None
-    model_config, tokenizer = saved_policy(run_dir)
-    return ckpt, ckpt.restore(abstract(model_config)), model_config, tokenizer
-
-
-def config_drift(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose value differs between a checkpoint's config and this run's."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_drift(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Per-step logging with a one-step lag (the host reads step k's metrics after dispatching k+1)
 # ----------------------------------------------------------------------------------------------
@@ -227,11 +135,6 @@ class _Pending:
     num_batches: int
     metrics: dict
     tokens: int
-
-
-@jax.jit
-def all_finite(tree: Any) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 class _StepLog:
@@ -295,7 +198,7 @@ def _evaluate_splits(state: TrainState, model_config: ModelConfig, tokenizer: An
                      cfg: SFTConfig, epoch: int, mesh: Mesh, executor: Any,
                      run_dir: pathlib.Path) -> dict[str, float]:
     """Greedy top-1 (and voting@k) on test and val; predictions to run_dir/eval/*.jsonl."""
-    from reft_jax import evaluate as ev
+    from reft_jax.eval import evaluate as ev
 
     out: dict[str, float] = {}
     for name, rows in (("test", splits.test), ("val", splits.val)):

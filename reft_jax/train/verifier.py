@@ -33,7 +33,7 @@ import optax
 from jax.sharding import Mesh
 
 from reft_jax import config as config_lib
-from reft_jax import inference
+from reft_jax.eval import inference
 from reft_jax import parallel
 from reft_jax.checkpoint import Checkpointer, abstract_like, improves
 from reft_jax.data.batches import Encoded, bucket_length, epoch_batches, pad_sft_batch, steps_per_epoch
@@ -45,7 +45,7 @@ from reft_jax.model.config import ModelConfig
 from reft_jax.parallel import MeshConfig
 from reft_jax.reward.answers import answer_kind
 from reft_jax.train import sharded
-from reft_jax.train.common import DataConfig, ModelSpec, build_policy, save_run_artifacts, state_abstract
+from reft_jax.train.run import DataConfig, ModelSpec, build_policy, save_run_artifacts, state_abstract
 from reft_jax.train.state import (OptimConfig, TrainState, accumulate_gradients, apply_gradients,
                                    cast_for_compute, make_optimizer, make_schedule, split_microbatches)
 
@@ -267,7 +267,7 @@ def evaluate_rerank(params: Any, model_config: ModelConfig, tokenizer: Any, exam
     """rerank@k of a policy (`reft eval --strategy rerank`): k samples per question drawn as
     for voting (`evaluate.sample_configs`), reranked by the verifier in `verifier_dir`, whose
     tokenizer must be the policy's. Returns (metrics incl. vote@k and pass@k, per-question picks)."""
-    from reft_jax import evaluate as ev
+    from reft_jax.eval import evaluate as ev
 
     verifier = load_verifier(verifier_dir, mesh, verifier_step)
     check_policy_tokenizer(verifier, tokenizer, str(verifier_dir))
@@ -294,7 +294,7 @@ def check_policy_tokenizer(verifier: Verifier, policy_tokenizer: Any, where: str
 def load_verifier(run_dir: str | pathlib.Path, mesh: Mesh, step: str = "latest", batch_bucket: int = 64) -> Verifier:
     """A trained verifier from its run directory (`step`: latest | best | <int>)."""
     from reft_jax.model.tokenizer_io import load_tokenizer
-    from reft_jax.train.common import checkpoint_step
+    from reft_jax.checkpoint import checkpoint_step
 
     run_dir = pathlib.Path(run_dir)
     if not (run_dir / MARKER).is_file():
@@ -364,7 +364,8 @@ def _eval_record(verifier: Verifier, sets, kind: str, cfg: VerifierConfig, epoch
 
 def train_verifier(cfg: VerifierConfig) -> dict[str, Any]:
     """Train (or continue, at epoch granularity) the verifier of `cfg.run_dir`."""
-    from reft_jax.train.sft import build_mesh, check_batch, open_run
+    from reft_jax.parallel import build_mesh, check_batch
+    from reft_jax.train.run import open_run
 
     cfg.validate()
     run_dir = pathlib.Path(cfg.run_dir)

@@ -113,7 +113,7 @@ def test_pcot_rollout_prefix_is_the_head_of_a_training_sequence(which, tokenizer
     # N-CoT prefixes do not depend on it
     assert encode_prefix(tok, "How many?", "nl") == tokenize(tok, sft_prompt("How many?"))
     # data.header_newline forces either ending (always: ReFT main)
-    from reft_jax.train.rollout import encode_prefixes
+    from reft_jax.rollout.engine import encode_prefixes
 
     for mode, ending in (("always", '"""\n'), ("never", '"""'), ("auto", '"""\n' if expect else '"""')):
         pre = encode_prefixes(tok, [EX_PY.question], "python", 300, 0, bucket=1, header=mode)

@@ -22,7 +22,7 @@ def test_tfds_gsm8k_matches_the_jsonl(tmp_path, data_dir):
         load_tfds_gsm8k("validation", tmp_path / "tfds")
     # the trainers' loader honours the source (it once read the data directory's files instead):
     # with no data directory at all, the rows can only come from TFDS
-    from reft_jax.train.sft import load_examples
+    from reft_jax.data.splits import load_examples
 
     cfg = DataConfig(dataset="gsm8k", engine="nl", source="tfds", tfds_dir=str(tmp_path / "tfds"),
                      data_dir=str(tmp_path / "no-such-dir"), max_train_examples=5, max_test_examples=3)

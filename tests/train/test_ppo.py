@@ -23,7 +23,7 @@ from reft_jax.data.tokenizer import train_tokenizer
 from reft_jax.metrics import read_metrics
 from reft_jax.train import ppo_math
 from reft_jax.train.ppo import PPOConfig, TrainingDiverged, minibatch_orders, run_ppo
-from reft_jax.train.rollout import decode_texts, encode_prefixes, trim_rollout
+from reft_jax.rollout.engine import decode_texts, encode_prefixes, trim_rollout
 from reft_jax.train.sft import SFTConfig, run_sft
 
 pytestmark = pytest.mark.usefixtures("persistent_compile_cache")

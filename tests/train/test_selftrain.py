@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from reft_jax import config as config_lib
-from reft_jax import inference as inf
+from reft_jax.eval import inference as inf
 from reft_jax import parallel
 from reft_jax.data.prompts import ANSWER_TRIGGER
 from reft_jax.data.sources import DataError, Example
@@ -18,7 +18,7 @@ from reft_jax.metrics import read_metrics
 from reft_jax.model import llama
 from reft_jax.model.config import ModelConfig
 from reft_jax.train import selftrain as st
-from reft_jax.train.common import build_policy, load_run_params
+from reft_jax.train.run import build_policy, load_run_params
 from reft_jax.train.sft import SFTConfig, run_sft
 from reft_jax.train.state import OptimConfig, TrainState, make_optimizer, make_schedule
 

@@ -20,9 +20,10 @@ from reft_jax.checkpoint import Checkpointer, CheckpointWarning
 from reft_jax.data.batches import Encoded
 from reft_jax.data.synthetic import SyntheticConfig, generate
 from reft_jax.metrics import read_metrics
-from reft_jax.train.common import load_run_params
-from reft_jax.train.sft import (SFTConfig, TrainingDiverged, guard_step, load_examples, make_batch, run_sft,
-                                split_validation)
+from reft_jax.train.run import load_run_params
+from reft_jax.train.sft import SFTConfig, guard_step, make_batch, run_sft
+from reft_jax.train.loop import TrainingDiverged
+from reft_jax.data.splits import load_examples, split_validation
 from reft_jax.train.state import TrainState
 
 # 2 layers, d 32, 40 examples, batch 16: 3 steps per epoch, one length bucket (one compile).

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from reft_jax import config as config_lib
-from reft_jax import inference as inf
+from reft_jax.eval import inference as inf
 from reft_jax import parallel
 from reft_jax.data.prompts import ANSWER_TRIGGER, COT_TRIGGER, INSTRUCTION
 from reft_jax.data.synthetic import SyntheticConfig, generate_problems

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from reft_jax import cli
-from reft_jax import report as rp
+from reft_jax.eval import report as rp
+from reft_jax.checkpoint import SELFTRAIN_MARKER
 from reft_jax.metrics import MetricsWriter
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -40,7 +41,7 @@ def test_methods_summaries_and_table(tmp_path):
             w.write(10 * e, {"test_accuracy": acc, "epoch": e}, prefix="eval")
     (ppo / "config.yaml").write_text("kl_coef: 0.05\nppo_epochs: 2\n")
     online = sft_like(tmp_path / "onsl", [0.33])
-    (online / rp.SELFTRAIN_MARKER).write_text(json.dumps({"mode": "online"}))
+    (online / SELFTRAIN_MARKER).write_text(json.dumps({"mode": "online"}))
     verifier = tmp_path / "verifier"
     with MetricsWriter(verifier, enabled=True, tensorboard=False) as w:
         w.write(21, {"rerank@16_accuracy": 0.61, "vote@16_accuracy": 0.55, "epoch": 1}, prefix="eval")
@@ -64,7 +65,7 @@ def test_methods_summaries_and_table(tmp_path):
 def test_reft_report_command_prints_the_table_and_writes_plots(tmp_path, capsys):
     a = sft_like(tmp_path / "a", [0.1, 0.3])
     b = sft_like(tmp_path / "b", [0.2, 0.25])
-    (b / rp.SELFTRAIN_MARKER).write_text(json.dumps({"mode": "offline"}))
+    (b / SELFTRAIN_MARKER).write_text(json.dumps({"mode": "offline"}))
     assert cli.main(["report", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "| a | SFT | 30.00 (ep 2) |" in out and "| b | Offline-ST | 25.00 (ep 2) |" in out

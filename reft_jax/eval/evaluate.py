@@ -107,7 +107,7 @@ def in_context_texts(tokenizer: Any, prompt_ids: Sequence[int], completions: Seq
 def generate_for_prefixes(params, model_config, tokenizer, prompts: list[str], sample_config, rng, batch_size: int,
               mesh, show_progress: bool, max_prompt_len: int | None) -> list[list[str]]:
     """Completion texts [prompt][sample], decoded in context (the seam tests replace)."""
-    from reft_jax.generation import generate
+    from reft_jax.rollout.generation import generate
 
     gen = generate(params, model_config, tokenizer, prompts, sample_config, rng, batch_size, mesh,
                    show_progress, max_prompt_len=max_prompt_len)
@@ -118,7 +118,7 @@ def sample_configs(eval_cfg: Any, k: int) -> tuple[Any, Any]:
     """(greedy, voting) SampleConfigs from an EvalConfig: both cap the total length as ReFT's
     eval does; voting draws k samples per question at temperature 1 with top-k 50 (HF's
     `generate` default, which ReFT's `sampling.py` ran with)."""
-    from reft_jax.sampling import SampleConfig
+    from reft_jax.rollout.sampler import SampleConfig
 
     common = {"max_new_tokens": eval_cfg.max_new_tokens, "max_total_len": eval_cfg.max_total_len}
     greedy = SampleConfig(greedy=True, **common)

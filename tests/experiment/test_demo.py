@@ -89,10 +89,10 @@ def test_demo_length_caps_fit_every_synthetic_solution(cot):
     from reft_jax import config as config_lib
     from reft_jax.commands.demo import shortcut_overrides
     from reft_jax.data.tokenizer import train_tokenizer
-    from reft_jax.demo import DemoConfig
-    from reft_jax.evaluate import eval_prefix
+    from reft_jax.experiment.demo import DemoConfig
+    from reft_jax.eval.evaluate import eval_prefix
     from reft_jax.data.prompts import sft_prompt, sft_target
-    from reft_jax.train.sft import load_examples, tokenizer_corpus
+    from reft_jax.data.splits import load_examples, tokenizer_corpus
 
     args = argparse.Namespace(run_dir=None, model=None, dataset=None, cot=cot)
     cfg = config_lib.load_config(DemoConfig, None, shortcut_overrides(args))

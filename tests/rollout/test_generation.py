@@ -1,4 +1,4 @@
-"""The host-side generation API (`reft_jax.generation`) and the `reft sample` command."""
+"""The host-side generation API (`reft_jax.rollout.generation`) and the `reft sample` command."""
 from __future__ import annotations
 
 import json
@@ -7,12 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from reft_jax import cli, generation, sampling
+from reft_jax import cli
+from reft_jax.rollout import generation, sampler as sampling
 from reft_jax.data.batches import left_pad
 from reft_jax.data.tokenizer import train_tokenizer
 from reft_jax.model.config import ModelConfig
-from reft_jax.sampling import SampleConfig
-from test_sampling import random_params
+from reft_jax.rollout.sampler import SampleConfig
+from test_sampler import random_params
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven cats count 12 apples and 345 pears".split()
 

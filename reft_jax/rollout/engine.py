@@ -1,6 +1,7 @@
-"""Rollout -> rewards -> PPO batch: the host side of one PPO step, overlapped with the device.
+"""One rollout path for PPO and online self-training: sample, score on the host, and let the
+caller's device work (PPO's score pass) run meanwhile.
 
-One step, in dispatch order (``->`` = asynchronous dispatch, ``[wait]`` = the host blocks)::
+One PPO step, in dispatch order (``->`` = asynchronous dispatch, ``[wait]`` = the host blocks)::
 
     1. -> sample(policy, prefixes)                      device: prefill + decode loop
     2. [wait] fetch tokens and lengths                  the host needs the text to score it
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from reft_jax import parallel
-from reft_jax import sampling
+from reft_jax.rollout import sampler as sampling
 from reft_jax.data.batches import bucket_length, left_pad
 from reft_jax.data.prompts import encode_prefix, header_newline
 from reft_jax.data.sources import Example
@@ -39,10 +40,7 @@ from reft_jax.metrics import Timer
 from reft_jax.model.config import ModelConfig
 from reft_jax.reward import reward as reward_lib
 from reft_jax.reward.answers import completion_from_text
-from reft_jax.train import ppo_step
-from reft_jax.train.ppo_step import PPOStepConfig
-
-EXEC_STATUSES = ("ok", "error", "timeout", "rejected")
+from reft_jax.reward.sandbox import STATUSES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,13 +128,22 @@ def score_rollouts(texts: Sequence[str], examples: Sequence[Example], kind: str,
 # ----------------------------------------------------------------------------------------------
 # One rollout, overlapped
 # ----------------------------------------------------------------------------------------------
+class Rollout(NamedTuple):
+    """One rollout: the trimmed host arrays (``trim_rollout``), the same on the mesh, whatever
+    the caller's device work returned (None without it), and the host-side rewards."""
+
+    host: dict[str, np.ndarray]
+    batch: dict[str, jax.Array]
+    device: Any
+    rewards: Rewards
+
+
 @dataclasses.dataclass
 class RolloutEngine:
     """Everything a rollout needs besides params; built once per run."""
 
     model_config: ModelConfig
     sample_config: sampling.SampleConfig
-    step_config: PPOStepConfig
     tokenizer: Any
     mesh: Mesh
     kind: str  # numeric | mcq
@@ -144,20 +151,15 @@ class RolloutEngine:
     executor: Any = None
     reward_config: reward_lib.RewardConfig | None = None
     length_bucket: int = 64
+    keep_sampler_logp: bool = False  # keep the sampler's log-probs in the batch (``sampler_logp``)
     sync: bool = False  # block after every phase: exact per-phase device times, no overlap
-    _score: Callable | None = None
 
-    def __post_init__(self) -> None:
-        cfg, mc = self.step_config, self.model_config
-        self._score = jax.jit(lambda p, r, ro: ppo_step.score_pass(p, r, ro, mc, cfg))
-
-    def run(self, params: Any, ref_params: Any, prefixes: Prefixes, examples: Sequence[Example],
-            rng: jax.Array, timer: Timer) -> tuple[dict[str, jax.Array], dict[str, jax.Array], Rewards]:
-        """Sample, dispatch the score pass, score on the host meanwhile.
+    def run(self, params: Any, prefixes: Prefixes, examples: Sequence[Example], rng: jax.Array, timer: Timer,
+            on_device: Callable[[dict[str, jax.Array]], Any] | None = None) -> Rollout:
+        """Sample, dispatch ``on_device(batch)`` (PPO: its score pass), score on the host meanwhile.
 
         ``examples`` has one entry per prompt; with ``n`` samples per prompt the rows of prompt
         ``i`` are ``i*n .. i*n+n-1`` (what the group advantage estimators expect).
-        Returns ``(rollout batch on device, score-pass outputs on device, rewards on host)``.
         """
         sc = self.sample_config
         with timer("rollout"):
@@ -166,26 +168,28 @@ class RolloutEngine:
             tokens, mask, logprobs = jax.device_get((out.tokens, out.mask, out.logprobs))
             host = trim_rollout(tokens, mask, logprobs, prefixes.tokens.shape[1], self.length_bucket,
                                 sc.eos_ids[0], sc.pad_id)
-            if not self.step_config.sampler_logprobs:
+            if not self.keep_sampler_logp:
                 del host["sampler_logp"]
             batch = parallel.shard_batch(host, self.mesh)
-        with timer("score_dispatch" if not self.sync else "score") as span:
-            scored = self._score(params, ref_params, batch)
-            if self.sync:
-                span.block(scored)
+        device = None
+        if on_device is not None:
+            with timer("score_dispatch" if not self.sync else "score") as span:
+                device = on_device(batch)
+                if self.sync:
+                    span.block(device)
         with timer("reward"):
             rows = [ex for ex in examples for _ in range(sc.n)]
             texts = decode_texts(self.tokenizer, host["tokens"], host["attention_mask"])
             rewards = score_rollouts(texts, rows, self.kind, self.engine, self.executor, self.reward_config)
-        if not self.sync:
+        if device is not None and not self.sync:
             with timer("score_wait") as span:
-                span.block(scored)
-        return batch, scored, rewards
+                span.block(device)
+        return Rollout(host, batch, device, rewards)
 
 
 def status_counts(statuses: collections.Counter) -> dict[str, int]:
     """Fixed-key counts of executor outcomes (zeros included, so every record has every key)."""
-    return {f"exec_{s}": int(statuses.get(s, 0)) for s in EXEC_STATUSES}
+    return {f"exec_{s}": int(statuses.get(s, 0)) for s in STATUSES}
 
 
 def scores_on_mesh(scores: np.ndarray, mesh: Mesh) -> jax.Array:

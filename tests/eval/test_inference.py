@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from reft_jax import evaluate as ev
-from reft_jax import inference as inf
+from reft_jax.eval import evaluate as ev
+from reft_jax.eval import inference as inf
 from reft_jax.data.sources import DataError, Example
 
 NUM, MCQ = "numeric", "mcq"

@@ -1,6 +1,6 @@
 """Host-side generation: prompts (text) in, completions (text and tokens) out.
 
-The thin shell around `reft_jax.sampling.sample`: tokenise as ReFT does (no special tokens
+The thin shell around `reft_jax.rollout.sampler.sample`: tokenise as ReFT does (no special tokens
 unless the tokenizer family needs a BOS), truncate long prompts keeping the head (ReFT §2),
 group prompts of similar length, pad each batch to a length bucket and to the full batch size
 (dummy rows) so a whole evaluation compiles a handful of programs, sample, and decode only the
@@ -23,7 +23,7 @@ import numpy as np
 from reft_jax.data.batches import left_pad
 from reft_jax.data.prompts import needs_bos
 from reft_jax.model.config import ModelConfig
-from reft_jax.sampling import Rollout, SampleConfig, prompt_keys, sample
+from reft_jax.rollout.sampler import Rollout, SampleConfig, prompt_keys, sample
 
 log = logging.getLogger(__name__)
 

@@ -12,17 +12,18 @@ directory (with `step` = latest | best | warmup | epoch:K | <int>).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 from jax.sharding import Mesh
 
 from reft_jax import config as config_lib
-from reft_jax.checkpoint import Checkpointer, abstract_like
+from reft_jax.checkpoint import Checkpointer, abstract_like, checkpoint_step
 from reft_jax.data.sources import DataConfig  # noqa: F401  (re-exported: the run configs' data section)
 from reft_jax.model import llama
 from reft_jax.model.config import ModelConfig
@@ -112,33 +113,6 @@ def state_abstract(model_config: ModelConfig, optim: OptimConfig, total_steps: i
     return abstract_like(shape, state_shardings(p_abs, tx, mesh))
 
 
-def checkpoint_step(ckpt: Checkpointer, selector: str) -> int:
-    """Resolve latest | best | epoch:K | <int> to a step number of `ckpt`."""
-    steps = ckpt.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints in {ckpt.directory}")
-    if selector in ("latest", "warmup"):
-        return steps[-1]
-    if selector == "best":
-        best = ckpt.best_step()
-        if best is None:  # a reader that does not know the metric's name: the run's own record
-            best = (ckpt.read_meta(steps[-1]).get("best") or {}).get("step")
-        if best is None or best not in steps:
-            raise FileNotFoundError(f"{ckpt.directory}: no checkpoint carries a metric, so none is best")
-        return best
-    if selector.startswith("epoch:"):
-        k = int(selector.split(":", 1)[1])
-        for s in steps:
-            meta = ckpt.read_meta(s)
-            if meta.get("epoch_end") == k:
-                return s
-        raise FileNotFoundError(f"{ckpt.directory}: no checkpoint at the end of epoch {k}")
-    step = int(selector)
-    if step not in steps:
-        raise FileNotFoundError(f"{ckpt.directory}: no step {step}; steps there: {steps}")
-    return step
-
-
 def load_run_params(run_dir: str | os.PathLike, selector: str, mesh: Mesh,
                     **model_overrides: Any) -> tuple[ModelConfig, Any, Any, dict]:
     """(model config, params placed on `mesh`, tokenizer, checkpoint meta) from a reft run."""
@@ -184,3 +158,37 @@ def build_policy(spec: ModelSpec, mesh: Mesh, seed: int = 0,
     from reft_jax.model.io import load_model
 
     return load_model(spec.path, mesh, seed=seed, **spec.overrides())
+
+
+def saved_policy(run_dir: pathlib.Path) -> tuple[ModelConfig, Any]:
+    """Model config and tokenizer of an existing run (a resumed run never rebuilds them)."""
+    from reft_jax.model.tokenizer_io import load_tokenizer
+
+    saved = json.loads((run_dir / "model_config.json").read_text())
+    return ModelConfig(**saved), load_tokenizer(run_dir / "tokenizer")
+
+
+def open_run(stack: contextlib.ExitStack, run_dir: pathlib.Path, keep: int | None, best_metric: str | None,
+             abstract: Callable[[ModelConfig], Any]) -> tuple[Checkpointer, Any, ModelConfig | None, Any]:
+    """(checkpointer, restored (state, meta) or None, model config, tokenizer) of a run directory.
+    Half-written steps are removed; when a step exists, the run's own model config and tokenizer
+    come back with it (a resumed run never rebuilds them), else both are None.
+    `abstract(model_config)` gives the checkpointed state's ShapeDtypeStructs."""
+    ckpt = stack.enter_context(Checkpointer(run_dir / "checkpoints", keep=keep, best_metric=best_metric,
+                                            clean_partial=True))
+    if not ckpt.all_steps():
+        return ckpt, None, None, None
+    model_config, tokenizer = saved_policy(run_dir)
+    return ckpt, ckpt.restore(abstract(model_config)), model_config, tokenizer
+
+
+def config_drift(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose value differs between a checkpoint's config and this run's."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_drift(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out

@@ -1,4 +1,4 @@
-"""The sampler (`reft_jax.sampling`): decode-step parity with the model, log-probs, HF warper
+"""The sampler (`reft_jax.rollout.sampler`): decode-step parity with the model, log-probs, HF warper
 semantics, sampling statistics, stopping, budgets, n samples, sharding; the real SmolLM2 against
 transformers' greedy `generate` (slow)."""
 from __future__ import annotations
@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reft_jax import sampling
+from reft_jax.rollout import sampler as sampling
 from reft_jax.model import llama
 from reft_jax.model.config import ModelConfig
-from reft_jax.sampling import SampleConfig
+from reft_jax.rollout.sampler import SampleConfig
 
 CFG = ModelConfig(num_layers=2)  # tiny random Llama: vocab 256, GQA 4/2 (2 layers: fast compiles)
 QWEN = ModelConfig(num_layers=2, tie_word_embeddings=True, attention_bias=True, architecture="Qwen2ForCausalLM")

@@ -22,7 +22,7 @@ from reft_jax import config as config_lib
 from reft_jax.data.sources import DataConfig
 from reft_jax.model.config import ModelConfig
 from reft_jax.parallel import MeshConfig
-from reft_jax.train.common import EvalConfig, ModelSpec
+from reft_jax.train.run import EvalConfig, ModelSpec
 from reft_jax.train.ppo import PPOConfig
 from reft_jax.train.sft import SFTConfig
 from reft_jax.train.state import OptimConfig
@@ -110,10 +110,11 @@ def seed_configs(cfg: DemoConfig, seed: int) -> tuple[SFTConfig, PPOConfig]:
 def evaluate_policies(cfg: DemoConfig, sft: SFTConfig, ppo: PPOConfig, seed: int) -> dict[str, dict]:
     """Top-1 (and voting@k) on the held-out split for SFT (best epoch, as the paper selects),
     the warm-up, and ReFT (best epoch)."""
-    from reft_jax.evaluate import evaluate
+    from reft_jax.eval.evaluate import evaluate
     from reft_jax.reward.sandbox import ProgramExecutor
-    from reft_jax.train.common import load_run_params
-    from reft_jax.train.sft import build_mesh, load_examples
+    from reft_jax.train.run import load_run_params
+    from reft_jax.parallel import build_mesh
+    from reft_jax.data.splits import load_examples
 
     mesh = build_mesh(cfg.mesh)
     test = load_examples(sft.data, seed).test

@@ -22,7 +22,8 @@ import pathlib
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
-SELFTRAIN_MARKER = "selftrain.json"
+from reft_jax.checkpoint import SELFTRAIN_MARKER
+
 SUMMARY_SUFFIX = ".summary.json"
 _VOTE = re.compile(r"^eval/(?:test_)?vote@(\d+)_accuracy$")
 _RERANK = re.compile(r"^eval/(?:test_)?rerank@(\d+)_accuracy$")
@@ -133,8 +134,7 @@ def read_run(run_dir: str | os.PathLike) -> RunSummary:
 
 def checkpoint_epoch(run_dir: str | os.PathLike, selector: str) -> tuple[float | None, int | None]:
     """(epoch, step) of the checkpoint `selector` names in a reft run directory."""
-    from reft_jax.checkpoint import Checkpointer
-    from reft_jax.train.common import checkpoint_step
+    from reft_jax.checkpoint import Checkpointer, checkpoint_step
 
     sub = "warmup" if selector == "warmup" else "checkpoints"
     with Checkpointer(pathlib.Path(run_dir) / sub, keep=None) as ckpt:

@@ -4,11 +4,11 @@ import json
 import jax
 import pytest
 
-from reft_jax import evaluate as ev
+from reft_jax.eval import evaluate as ev
 from reft_jax.data.prompts import COT_TRIGGER, INSTRUCTION, program_header
 from reft_jax.data.sources import Example
 from reft_jax.reward.sandbox import ProgramExecutor
-from reft_jax.train.common import DataConfig, EvalConfig
+from reft_jax.train.run import DataConfig, EvalConfig
 
 Q = "Tom has 3 apples and buys 4 more. How many apples does Tom have?"
 EX = Example("svamp_1", Q, "7.0")

@@ -24,7 +24,7 @@ import os
 import pathlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from reft_jax.evaluate import majority_vote
+from reft_jax.eval.evaluate import majority_vote
 from reft_jax.reward.answers import MCQ, Prediction, check_kind, is_correct, parse_gold
 
 
@@ -132,7 +132,7 @@ def sample_sets(params: Any, model_config: Any, tokenizer: Any, examples: Sequen
     """`sample_config.n` scored samples per question, as ReFT's `sampling.py` makes them for
     voting, reranking and offline self-training (rollout prefix, temperature 1, top-k 50, 1024
     tokens in all: the caller's config). Completions are the texts ReFT scores."""
-    from reft_jax import evaluate as ev
+    from reft_jax.eval import evaluate as ev
 
     prefixes = ev.eval_prefixes(examples, data_cfg, prefix, tokenizer)
     generated = ev.generate_for_prefixes(params, model_config, tokenizer, prefixes, sample_config, rng,
@@ -164,7 +164,7 @@ def _completion_texts(row: dict, path: Any, where: str) -> list[str]:
     the last CoT trigger of prompt + generation (P-CoT: header + body). Without a `prompt` the
     completions are taken as already in that form."""
     from reft_jax.data.sources import DataError
-    from reft_jax.evaluate import scored_text
+    from reft_jax.eval.evaluate import scored_text
 
     if "completions" in row:
         texts = row["completions"]
@@ -267,7 +267,7 @@ def load_sample_sets(path: str | os.PathLike, data: Any, split: str, stack: cont
                      timeout: float = 10.0) -> list[SampleSet]:
     """Sample sets of a file; questions / gold answers missing from it come from the dataset's
     `split`, predictions missing from it are scored (P-CoT in a sandbox started on demand)."""
-    from reft_jax import evaluate as ev
+    from reft_jax.eval import evaluate as ev
     from reft_jax.data.sources import load_config_dataset
 
     executor: list[Any] = []
