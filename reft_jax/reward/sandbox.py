@@ -19,12 +19,14 @@ Containment is layered (see `sandbox_worker.py` for the per-program layers); thi
 * a result cache keyed by program text (every outcome but a lost worker is deterministic
   enough to keep, timeouts included), and duplicate programs in a batch run once.
 
-Two kinds of worker: "light" ones (math + stdlib, forking costs ~0.5 ms) and "sympy" ones
-(sympy imported and warmed up, forking costs ~2.5 ms), which run only programs that mention
-sympy (everything, when configured with no light workers). A program whose text never says
-`sympy` cannot reach sympy (the screen refuses dunder names such as `__import__`; `getattr` and
-`globals` are not even builtins there), so it runs on a light worker: typical programs seldom
-use sympy, and this keeps their CPU cost per program at about a third.
+Two kinds of worker: "light" ones (math + the allowed stdlib modules, forking costs ~0.5 ms on
+an idle core) and "sympy" ones (sympy, mpmath and numpy imported and warmed up, forking costs
+~2.5 ms), which run only programs whose text names one of those (everything, when configured
+with no light workers). A grandchild cannot open files, so it cannot import a module its worker
+has not loaded: a program that never names numpy or sympy cannot reach them and runs on a
+light worker. Typical programs use neither, and this keeps their CPU cost per program at about a
+third. What a program may use is `SandboxConfig.policy` ("reft" by default: what the official
+executor runs, minus the escape routes; see the SandboxConfig docstring for what still differs).
 """
 from __future__ import annotations
 
@@ -40,9 +42,18 @@ import sys
 import threading
 import time
 import weakref
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
-from reft_jax.reward.sandbox_worker import process_code, screen  # noqa: F401 - re-exported
+from reft_jax.reward.sandbox_worker import (  # noqa: F401 - re-exported
+    HEAVY_MODULES,
+    NEVER_MODULES,
+    POLICIES,
+    REFT_MODULES,
+    STRICT_MODULES,
+    policy_modules,
+    process_code,
+    screen,
+)
 
 STATUSES = ("ok", "error", "timeout", "rejected")
 _DEPTH = 2  # jobs queued per worker, so it never waits for this process between programs
@@ -55,23 +66,65 @@ class SandboxError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class SandboxConfig:
-    """Executor settings (a config section; the defaults suit training)."""
+    """Executor settings (a config section; the defaults suit training).
+
+    `policy` decides what a program may use; the containment (a confined fork per program:
+    audit hook refusing files, sockets, processes and signals; rlimits on CPU, memory, files and
+    processes; uid nobody; wall-clock kill) is the same under both.
+
+    * "reft" (default): what the official ReFT executor runs (§3.2 of the reference: a plain
+      `exec` that may import anything installed), minus the escape routes. Imports from
+      `allowed_modules`, by default `REFT_MODULES`: math, cmath, numpy, sympy, mpmath,
+      fractions, decimal, numbers, itertools, functools, collections, statistics, operator,
+      datetime, time, calendar, typing, string, re, random, heapq, bisect, copy. `eval` / `exec`
+      of text (screened like the program, run with the sandbox's builtins), `getattr` /
+      `setattr` / `delattr` (refusing the names the screen refuses), the harmless dunders
+      (`__name__`, `__doc__`, `__class__`, `__init__`, operator methods such as `__add__`; see
+      `sandbox_worker.HARMLESS_DUNDERS`). `time.sleep` runs (the wall-clock kill bounds it).
+    * "strict": the narrower first screen: `STRICT_MODULES` (no numpy, time, calendar, typing),
+      no eval / exec / getattr / setattr / delattr, no dunder at all.
+
+    Still refused under "reft", where the official executor runs the program (reward 0, 0.1
+    on MathQA, where ReFT may have scored it): imports outside `allowed_modules` (os, sys,
+    subprocess, socket, ctypes, importlib, scipy, ...; `NEVER_MODULES` cannot be allowed);
+    `open`, `compile`, `__import__`, `globals` / `locals` / `vars`, `input`, `exit`; private
+    `_names` and the dunders that lead out (`__subclasses__`, `__globals__`, `__builtins__`,
+    `__dict__`, `__self__`, `__code__`, `__traceback__`, ...); frame and code attributes
+    (`gi_frame`, `f_back`, `tb_frame`, ...); eval / exec of code objects; any file, socket,
+    process, thread or signal at run time; more than `memory_mb` or `timeout` seconds; a
+    heavy module (numpy, sympy, mpmath) reached by a program whose text does not name it.
+    """
 
     timeout: float = 2.0  # wall-clock seconds per program (ReFT main: 10, newer branch: 2)
     workers: int = 0  # light workers; 0 = the CPU cores this process may use
-    sympy_workers: int = 1  # workers with sympy loaded, for programs that mention sympy
+    sympy_workers: int = 1  # workers with sympy and numpy loaded, for programs naming them
     memory_mb: int = 1024  # address space a program may add to the worker's
     max_output: int = 4096  # stdout characters kept per program
     max_program_chars: int = 100_000  # longer programs are rejected unseen
     cache_size: int = 100_000  # results remembered (LRU, keyed by program text)
     screen: bool = True  # static AST screen (the other layers stay on regardless)
     grace: float = 3.0  # parent-side slack before a silent worker is killed
+    policy: Literal["reft", "strict"] = "reft"  # see above; sandbox_worker.POLICIES
+    allowed_modules: tuple[str, ...] | None = None  # top-level modules; None = the policy's list
 
     def validate(self) -> None:
         if self.timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {self.timeout}")
         if self.workers < 0 or self.sympy_workers < 0:
             raise ValueError("workers and sympy_workers must be >= 0")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        for name in self.allowed_modules or ():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError(f"allowed_modules: {name!r} is not a top-level module name")
+            if name in NEVER_MODULES or name.startswith("_"):
+                raise ValueError(f"allowed_modules: {name!r} gives access to files, processes or "
+                                 "the interpreter and cannot be allowed")
+
+    @property
+    def modules(self) -> frozenset:
+        """The modules programs may import under this config."""
+        return policy_modules(self.policy, self.allowed_modules)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +147,11 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def uses_sympy(program: str) -> bool:
-    """Whether a program may reach sympy: the name can only come from its own text."""
-    return "sympy" in program
+def uses_heavy(program: str, modules: Iterable[str] = REFT_MODULES) -> bool:
+    """Whether a program may need sympy (bound in every program, as ReFT does) or another heavy
+    module among `modules` (numpy, mpmath): only "sympy" workers have them loaded, and a
+    grandchild cannot import anything new, so the name has to come from the program's text."""
+    return any(name in program for name in HEAVY_MODULES.intersection(modules) | {"sympy"})
 
 
 class _Worker:
@@ -105,7 +160,8 @@ class _Worker:
     def __init__(self, kind: str, cfg: SandboxConfig):
         self.kind = kind
         spec = {"timeout": cfg.timeout, "memory_mb": cfg.memory_mb, "max_output": cfg.max_output,
-                "screen": cfg.screen, "sympy": kind == "sympy"}
+                "screen": cfg.screen, "sympy": kind == "sympy", "policy": cfg.policy,
+                "allowed": sorted(cfg.modules)}
         self.proc = subprocess.Popen(
             [sys.executable, "-I", str(_WORKER_FILE), json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True,
@@ -188,6 +244,7 @@ class ProgramExecutor:
         cfg = dataclasses.replace(config or SandboxConfig(), **overrides)
         cfg.validate()
         self.config = cfg
+        self._modules = cfg.modules
         self._n = {"light": cfg.workers or default_workers(), "sympy": cfg.sympy_workers}
         if self._n["sympy"] == 0:  # everything must be able to run somewhere
             self._n["light"], self._n["sympy"] = 0, self._n["light"]
@@ -279,13 +336,14 @@ class ProgramExecutor:
         results: list[ProgramResult | None] = [None] * len(programs)
         queues = {"sympy": collections.deque(), "light": collections.deque()}
         for j, program in enumerate(programs):  # with no light workers, all go to sympy ones
-            queues["sympy" if uses_sympy(program) or self._n["light"] == 0 else "light"].append(j)
+            heavy = uses_heavy(program, self._modules) or self._n["light"] == 0
+            queues["sympy" if heavy else "light"].append(j)
         pending = len(programs)
         self._attempts = [0] * len(programs)
         budget = self.config.timeout + self.config.grace
         while pending:
             for w in list(self._workers):
-                queue = queues[w.kind]  # sympy workers fork ~3x slower: they never take light jobs
+                queue = queues[w.kind]  # sympy workers fork 3-5x slower: they never take light jobs
                 while w.ready and len(w.jobs) < _DEPTH and queue:
                     j = queue.popleft()
                     try:

@@ -13,9 +13,11 @@ grandchild that is confined before the program's first byte runs:
   and only the result pipe left open; cwd a private temp dir; uid nobody when running as root;
   rlimits CPU, AS, FSIZE=0, NOFILE=4 (no new file or socket at all), NPROC=0 (no new process or
   thread), CORE=0; an empty environment; an audit hook refusing files, sockets, processes,
-  signals, ctypes and introspection; restricted builtins with an import allow-list; bounded
-  stdout. sympy-only lazy imports are done in the worker first (`_warm_sympy`), since the
-  grandchild cannot read files.
+  signals, ctypes and introspection; restricted builtins with an import allow-list (what a
+  program may use is the policy, "reft" or "strict": see the policy section below); bounded
+  stdout. The allowed modules are imported by the worker, and their lazy imports done there
+  (`_warm_sympy`, `_warm_numpy`, `_warm_stdlib`), since the grandchild cannot read files; numpy's
+  BLAS is held to one thread (a grandchild cannot start threads).
 
 The worker kills the grandchild's whole process group at the wall-clock deadline.
 
@@ -37,28 +39,121 @@ import signal
 import struct
 import sys
 import time
+import types
 
-# Modules a program may import (top-level package names). All are preloaded in the worker so an
-# import inside the sandbox never touches the filesystem (the grandchild cannot open files).
-ALLOWED_MODULES = frozenset({
+# --- policy: which imports, builtins and attributes a program may use --------------------------
+#
+# Two policies. "reft" (the default) runs what the official ReFT executor runs (a plain `exec`
+# with every installed module and builtin), minus what only an escape needs; "strict" is the
+# narrower screen this sandbox had first (no eval/exec/getattr, no dunder at all, no numpy or
+# time). Either way the screen and the guarded builtins are only the first line: strings reach
+# attribute lookups the screen cannot see (str.format fields, operator.attrgetter,
+# sympy.sympify), and stdlib modules expose `sys` as a plain attribute (statistics.sys,
+# typing.sys). What contains a program is the runtime layers of the grandchild (audit hook,
+# rlimits, uid nobody, fresh fork, wall-clock kill), which the tests run with the screen off.
+
+POLICIES = ("reft", "strict")
+
+# Modules a program may import (top-level names). All are imported in the worker before any
+# program runs, since the grandchild cannot open files (and so cannot import anything new).
+STRICT_MODULES = frozenset({
     "math", "cmath", "sympy", "mpmath", "fractions", "decimal", "numbers", "itertools",
     "functools", "collections", "statistics", "operator", "datetime", "string", "re", "random",
     "heapq", "bisect", "copy",
 })
-_PRELOAD = sorted(ALLOWED_MODULES - {"sympy", "mpmath"})
-
-# Builtins a program never needs and an escape usually does.
-BANNED_NAMES = frozenset({
-    "eval", "exec", "compile", "open", "__import__", "globals", "locals", "vars", "getattr",
-    "setattr", "delattr", "input", "breakpoint", "help", "memoryview", "exit", "quit",
-    "copyright", "credits", "license", "__builtins__", "__loader__", "__spec__",
+REFT_MODULES = STRICT_MODULES | {"numpy", "time", "calendar", "typing"}
+# Imported only by the "sympy" workers (forking a worker that holds them costs 3-5x more), which
+# run exactly the programs whose text names one of them.
+HEAVY_MODULES = frozenset({"sympy", "mpmath", "numpy"})
+# Never allowed, whatever allowed_modules says: files, processes, sockets, the interpreter.
+NEVER_MODULES = frozenset({
+    "os", "posix", "nt", "sys", "builtins", "subprocess", "socket", "ssl", "ctypes", "cffi",
+    "importlib", "imp", "pkgutil", "runpy", "zipimport", "io", "_io", "pathlib", "shutil",
+    "tempfile", "glob", "signal", "threading", "_thread", "multiprocessing", "concurrent",
+    "asyncio", "selectors", "select", "gc", "inspect", "types", "code", "codeop", "pickle",
+    "marshal", "shelve", "dbm", "sqlite3", "resource", "mmap", "pty", "fcntl", "urllib", "http",
+    "ftplib", "smtplib", "webbrowser", "pdb", "bdb", "trace", "faulthandler", "atexit", "site",
 })
+
+# Builtins a program never needs and an escape usually does (`exit`/`quit` close stdin).
+_BANNED_ALWAYS = frozenset({
+    "compile", "open", "__import__", "globals", "locals", "vars", "input", "breakpoint", "help",
+    "memoryview", "exit", "quit", "copyright", "credits", "license", "__builtins__", "__loader__",
+    "__spec__",
+})
+# "reft" keeps eval/exec (they screen their text like the program's own, then run it with the
+# sandbox's builtins) and getattr/setattr/delattr (they refuse the attribute names the screen
+# refuses). "strict" removes them.
+BANNED_NAMES = {
+    "reft": _BANNED_ALWAYS,
+    "strict": _BANNED_ALWAYS | {"eval", "exec", "getattr", "setattr", "delattr"},
+}
+
+# Dunders a "reft" program may name. Each only reads a string or calls the object's own
+# behaviour, which plain syntax reaches anyway (`x.__add__(y)` is `x + y`, `x.__class__` is
+# `type(x)`, `__name__` is a string; `super().__init__()` in a class). Every other dunder is
+# refused, in particular the escape routes: from a type to every class (`__base__`, `__bases__`,
+# `__mro__`, `__subclasses__`), from a function to a module namespace and its real builtins
+# (`__globals__`, `__builtins__`, `__dict__`, `__self__` of a builtin function is the builtins
+# module, `__func__`, `__wrapped__`, `__closure__`, `__code__`, `__defaults__`), attribute
+# lookup in disguise (`__getattribute__`, `__getattr__`, `__setattr__`, `__reduce_ex__`), from an
+# exception to the frames (`__traceback__`, `__context__`, `__cause__`), and the import system
+# (`__import__`, `__loader__`, `__spec__`).
+HARMLESS_DUNDERS = frozenset({
+    "__name__", "__qualname__", "__doc__", "__module__", "__class__", "__init__", "__new__",
+    "__str__", "__repr__", "__format__", "__hash__", "__bool__", "__len__", "__iter__",
+    "__next__", "__reversed__", "__contains__", "__getitem__", "__setitem__", "__delitem__",
+    "__call__", "__enter__", "__exit__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__",
+    "__abs__", "__neg__", "__pos__", "__invert__", "__round__", "__floor__", "__ceil__",
+    "__trunc__", "__int__", "__float__", "__complex__", "__index__", "__add__", "__radd__",
+    "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
+    "__truediv__", "__rtruediv__", "__itruediv__", "__floordiv__", "__rfloordiv__",
+    "__ifloordiv__", "__mod__", "__rmod__", "__imod__", "__divmod__", "__rdivmod__", "__pow__",
+    "__rpow__", "__ipow__", "__matmul__", "__rmatmul__", "__and__", "__rand__", "__or__",
+    "__ror__", "__xor__", "__rxor__", "__lshift__", "__rlshift__", "__rshift__", "__rrshift__",
+})
+# Public names that walk frames and code objects (generator / coroutine / traceback / frame
+# attributes): from any frame, `f_back` leads to the worker's own frames and globals. Refused
+# under both policies.
+ESCAPE_ATTRS = frozenset({
+    "gi_frame", "gi_code", "gi_yieldfrom", "cr_frame", "cr_code", "cr_await", "cr_origin",
+    "ag_frame", "ag_code", "ag_await", "f_back", "f_globals", "f_locals", "f_builtins", "f_code",
+    "f_trace", "tb_frame", "tb_next", "co_code", "co_consts",
+})
+
+
+def attribute_refused(name: str, policy: str = "reft") -> bool:
+    """Whether a program may not read or write attribute `name` (the screen and the guarded
+    getattr / setattr / delattr share this). Private `_names` are refused too: that is where the
+    stdlib keeps its imports (`random._os`)."""
+    if name in ESCAPE_ATTRS:
+        return True
+    if not name.startswith("_"):
+        return False
+    return policy != "reft" or name not in HARMLESS_DUNDERS
+
+
+def name_refused(name: str, policy: str = "reft") -> bool:
+    """Whether a program may not use the bare name `name`."""
+    if name in BANNED_NAMES[policy]:
+        return True
+    return name.startswith("__") and (policy != "reft" or name not in HARMLESS_DUNDERS)
+
+
+def policy_modules(policy: str, allowed_modules=None) -> frozenset:
+    """The importable top-level modules: `allowed_modules`, or the policy's own list."""
+    if allowed_modules is None:
+        return REFT_MODULES if policy == "reft" else STRICT_MODULES
+    return frozenset(allowed_modules)
+
 
 # Audit events refused inside the grandchild (exact names, then prefixes). Allowed on purpose:
 # `exec`/`compile` (sympy generates code), `object.__getattr__` (multipledispatch reads
 # `__code__`), `sys._getframe` (lambdify/nsolve). Writing a function's code, defaults or globals
-# is refused, so nothing can rewrite the audit hook itself.
-_DENY_EXACT = frozenset({"open", "builtins.input", "builtins.breakpoint", "setopencookie", "time.sleep"})
+# is refused, so nothing can rewrite the audit hook itself. `time.sleep` is allowed (it raises
+# no audit event before Python 3.12 anyway): a sleeping program holds its worker no longer than a
+# busy loop would (the wall-clock kill), and the official executor lets it sleep.
+_DENY_EXACT = frozenset({"open", "builtins.input", "builtins.breakpoint", "setopencookie"})
 _DENY_PREFIX = (
     "os.", "subprocess.", "socket.", "shutil.", "ctypes.", "_thread.", "signal.", "sys.",
     "pty.", "fcntl.", "mmap.", "resource.", "syslog.", "gc.", "marshal.", "pickle.", "urllib.",
@@ -95,34 +190,37 @@ def process_code(code: str) -> str:
     return "\n".join(kept)
 
 
-def screen(code: str) -> str | None:
+def screen(code: str, policy: str = "reft", allowed_modules=None) -> str | None:
     """Static AST screen; returns why the program is rejected, or None. Unparsable code passes
     (it fails as a SyntaxError at exec, an `error` like in ReFT)."""
     try:
         tree = ast.parse(code)
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         return None
-    return screen_tree(tree)
+    return screen_tree(tree, policy, policy_modules(policy, allowed_modules))
 
 
-def screen_tree(tree: ast.AST) -> str | None:
+def screen_tree(tree: ast.AST, policy: str = "reft", modules: frozenset = REFT_MODULES) -> str | None:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.split(".")[0] not in ALLOWED_MODULES:
+                if alias.name.split(".")[0] not in modules:
                     return f"import of {alias.name!r}"
         elif isinstance(node, ast.ImportFrom):
-            if node.level or (node.module or "").split(".")[0] not in ALLOWED_MODULES:
+            if node.level or (node.module or "").split(".")[0] not in modules:
                 return f"import from {node.module!r}"
+            for alias in node.names:  # `from statistics import sys`, `from random import _os`
+                if alias.name in NEVER_MODULES or (alias.name != "*" and attribute_refused(alias.name, policy)):
+                    return f"import of {alias.name!r} from {node.module!r}"
         elif isinstance(node, ast.Name):
-            if node.id in BANNED_NAMES or node.id.startswith("__"):
+            if name_refused(node.id, policy):
                 return f"name {node.id!r}"
         elif isinstance(node, ast.Attribute):
-            if node.attr.startswith("_"):
+            if attribute_refused(node.attr, policy):
                 return f"attribute {node.attr!r}"
         elif isinstance(node, (ast.Global, ast.Nonlocal)):
             for name in node.names:
-                if name.startswith("__"):
+                if name_refused(name, policy):
                     return f"name {name!r}"
     return None
 
@@ -151,9 +249,10 @@ class _BoundedOutput:
 
 
 def _audit_hook(event, args, _exact=_DENY_EXACT, _prefix=_DENY_PREFIX, _allow=_ALLOW_EXACT,
-                _allowed=ALLOWED_MODULES, _guarded=_GUARDED_ATTRS):
-    # Only default arguments and methods of built-in types: a program that rebinds builtins or
-    # module globals cannot change what this hook decides (any exception refuses the event).
+                _allowed=REFT_MODULES, _guarded=_GUARDED_ATTRS):
+    # Only default arguments (an immutable tuple: rebinding `__defaults__` is itself an audited,
+    # refused event) and methods of built-in types: a program that rebinds builtins or module
+    # globals cannot change what this hook decides (any exception refuses the event).
     if event in _allow:
         return
     if event == "import":
@@ -169,16 +268,92 @@ def _audit_hook(event, args, _exact=_DENY_EXACT, _prefix=_DENY_PREFIX, _allow=_A
 
 
 def _guarded_import(name, globals=None, locals=None, fromlist=(), level=0,
-                    _real=builtins.__import__, _allowed=ALLOWED_MODULES):
+                    _real=builtins.__import__, _allowed=REFT_MODULES):
     if level or name.partition(".")[0] not in _allowed:
         raise ImportError(f"sandbox: import of {name!r} refused")
     return _real(name, globals, locals, fromlist, level)
 
 
-def _safe_builtins() -> dict:
-    safe = {k: v for k, v in vars(builtins).items() if k not in BANNED_NAMES}
-    safe["__import__"] = _guarded_import
+# The "reft" policy's eval / exec / getattr / setattr / delattr. Like the screen they are a first
+# line (a program can reach the real ones through module attributes); their own state is in
+# default arguments, bound per worker by `_bind`.
+_NO_DEFAULT = object()
+
+
+def _guarded_getattr(obj, name, default=_NO_DEFAULT, _real=builtins.getattr, _refused=attribute_refused,
+                     _policy="reft", _type=type, _missing=_NO_DEFAULT):
+    if _type(name) is not str or _refused(name, _policy):  # a str subclass could lie to the check
+        raise PermissionError(f"sandbox: getattr of {name!r} refused")
+    return _real(obj, name) if default is _missing else _real(obj, name, default)
+
+
+def _guarded_setattr(obj, name, value, _real=builtins.setattr, _refused=attribute_refused,
+                     _policy="reft", _type=type):
+    if _type(name) is not str or _refused(name, _policy):
+        raise PermissionError(f"sandbox: setattr of {name!r} refused")
+    return _real(obj, name, value)
+
+
+def _guarded_delattr(obj, name, _real=builtins.delattr, _refused=attribute_refused, _policy="reft",
+                     _type=type):
+    if _type(name) is not str or _refused(name, _policy):
+        raise PermissionError(f"sandbox: delattr of {name!r} refused")
+    return _real(obj, name)
+
+
+def _guarded_eval(source, globals=None, locals=None, _mode="eval", _run=builtins.eval, _screen=True,
+                  _policy="reft", _modules=REFT_MODULES, _builtins=None, _getframe=sys._getframe,
+                  _type=type):
+    """eval / exec of text only (a code object cannot be screened), screened like a program and
+    run with the sandbox's builtins: left to itself, eval would hand globals without
+    `__builtins__` the real builtins of this function's frame."""
+    if _type(source) is bytes:
+        source = source.decode()
+    if _type(source) is not str:
+        raise PermissionError(f"sandbox: {_mode} of a {_type(source).__name__} refused")
+    tree = ast.parse(source.lstrip(" \t") if _mode == "eval" else source, "<string>", _mode)
+    why = screen_tree(tree, _policy, _modules) if _screen else None
+    if why is not None:
+        raise PermissionError(f"sandbox: {_mode} refused (AST screen: {why})")
+    if globals is None:  # the caller's namespaces, as the builtin does
+        frame = _getframe(1)
+        globals = frame.f_globals
+        if locals is None:
+            locals = frame.f_locals
+    elif locals is None:
+        locals = globals
+    if _type(globals) is not dict:
+        raise TypeError(f"{_mode}() globals must be a dict, not {_type(globals).__name__}")
+    if "__builtins__" not in globals:
+        globals["__builtins__"] = _builtins
+    return _run(compile(tree, "<string>", _mode), globals, locals)
+
+
+def _bind(fn, **defaults):
+    """A copy of `fn` with some of its (positional) default arguments replaced."""
+    code = fn.__code__
+    names = code.co_varnames[code.co_argcount - len(fn.__defaults__):code.co_argcount]
+    values = tuple(defaults.pop(n, v) for n, v in zip(names, fn.__defaults__))
+    if defaults:
+        raise TypeError(f"{fn.__name__} has no defaults {sorted(defaults)}")
+    return types.FunctionType(code, fn.__globals__, fn.__name__, values)
+
+
+def _safe_builtins(policy: str, modules: frozenset, screen_on: bool) -> dict:
+    safe = {k: v for k, v in vars(builtins).items() if k not in BANNED_NAMES[policy]}
+    safe["__import__"] = _bind(_guarded_import, _allowed=modules)
+    if policy == "reft":
+        for name, fn in (("getattr", _guarded_getattr), ("setattr", _guarded_setattr),
+                         ("delattr", _guarded_delattr)):
+            safe[name] = _bind(fn, _policy=policy)
+        for name, run in (("eval", builtins.eval), ("exec", builtins.exec)):
+            safe[name] = _bind(_guarded_eval, _mode=name, _run=run, _screen=screen_on, _policy=policy,
+                               _modules=modules, _builtins=safe)
     return safe
+
+
+def _sandbox_hook(modules: frozenset):
+    return _bind(_audit_hook, _allowed=modules)
 
 
 def _confine(cfg: dict, result_fd: int) -> None:
@@ -212,7 +387,7 @@ def _confine(cfg: dict, result_fd: int) -> None:
         resource.setrlimit(which, (soft, hard))
     sys.stdout = sys.stderr = _BoundedOutput(int(cfg["max_output"]))
     sys.stdin = None
-    sys.addaudithook(_audit_hook)
+    sys.addaudithook(cfg["audit_hook"])
 
 
 def _summarise(result) -> dict:
@@ -237,7 +412,7 @@ def _error(err: BaseException) -> dict:
     return {"status": "error", "detail": detail[:MAX_DETAIL]}
 
 
-def prepare(code: str, screen_on: bool):
+def prepare(code: str, screen_on: bool, policy: str = "reft", modules: frozenset = REFT_MODULES):
     """In the worker, before any fork: ReFT's text processing, parse, AST screen, compile.
     Returns a code object, or the final result dict (syntax error / rejected). Parsing and
     compiling never run the program; a pathological input that crashes or hangs the compiler
@@ -245,7 +420,7 @@ def prepare(code: str, screen_on: bool):
     try:
         tree = ast.parse(process_code(code), "<program>")
         if screen_on:
-            why = screen_tree(tree)
+            why = screen_tree(tree, policy, modules)
             if why is not None:
                 return {"status": "rejected", "detail": f"AST screen: {why}"}
         return compile(tree, "<program>", "exec")
@@ -416,6 +591,38 @@ def _warm_sympy(sympy) -> None:
     sympy.solveset(x - 1, x), sympy.Matrix([[1, 2], [3, 4]]).det()
 
 
+def _warm_numpy(np) -> None:
+    """Load numpy's lazily imported submodules and run common paths once."""
+    import numpy.fft  # noqa: F401 - not imported by `import numpy`
+    import numpy.polynomial  # noqa: F401
+    import numpy.random  # noqa: F401
+
+    a = np.array([[2.0, 1.0], [1.0, 3.0]])
+    np.linalg.solve(a, [1.0, 2.0]), np.linalg.inv(a), np.linalg.det(a), np.linalg.eig(a)
+    np.percentile(a, 50), np.median(a), np.round(np.mean(a), 2), np.std(a), np.cumsum(a)
+    np.random.default_rng(0).random(3), np.random.seed(0), np.random.randint(1, 10)
+    np.polyfit([0, 1, 2], [1, 3, 5], 1), np.roots([1, -3, 2]), np.fft.fft([1, 2])
+    str(a), repr(a), str(np.float64(1.5)), np.arange(5).sum(), np.linspace(0, 1, 3)
+    np.array([1, 2]).astype(np.int64), np.prod([1, 2]), np.lcm(4, 6), np.gcd(4, 6)
+
+
+def _warm_stdlib(names) -> None:
+    """Lazy imports of the light modules (strptime loads `_strptime`), done while files open."""
+    if "datetime" in names:
+        import datetime
+
+        datetime.datetime.strptime("2024-03-01 10:30", "%Y-%m-%d %H:%M").strftime("%A %B")
+    if "time" in names:
+        import time as time_
+
+        time_.strptime("2024-03-01", "%Y-%m-%d"), time_.strftime("%Y"), time_.localtime()
+    if "calendar" in names:
+        import calendar
+
+        calendar.monthrange(2024, 2), calendar.isleap(2024), calendar.weekday(2024, 3, 1)
+        calendar.month_name[1], calendar.day_name[0]
+
+
 def _worker_setup(cfg: dict) -> dict:
     """Import everything a program may touch, then forget the environment."""
     import gc
@@ -423,12 +630,23 @@ def _worker_setup(cfg: dict) -> dict:
     import tempfile
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    modules = {}
-    for name in _PRELOAD:
-        importlib.import_module(name)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"  # numpy's BLAS: no thread pool (a grandchild cannot start threads)
+    cfg["allowed"] = allowed = frozenset(cfg["allowed"])
+    # Light workers: every allowed module but the heavy ones; "sympy" workers: all of them.
+    load = sorted(allowed if cfg["sympy"] else allowed - HEAVY_MODULES)
+    loaded = {}
+    for name in load:
+        try:
+            loaded[name] = importlib.import_module(name)
+        except ImportError:  # not installed: a program importing it fails, as it would in ReFT
+            pass
+    _warm_stdlib(loaded)
+    if "numpy" in loaded:
+        _warm_numpy(loaded["numpy"])
     import math
 
-    modules["math"] = math
+    modules = {"math": math}  # ReFT binds math and sympy in the program's namespaces
     if cfg["sympy"]:
         import sympy
 
@@ -449,7 +667,9 @@ def _worker_setup(cfg: dict) -> dict:
         posix.environ.clear()
     except (ImportError, AttributeError):
         pass
-    cfg["builtins"] = _safe_builtins()  # shared by the grandchildren (each mutates only its copy)
+    # shared by the grandchildren (each mutates only its copy)
+    cfg["builtins"] = _safe_builtins(cfg["policy"], allowed, cfg["screen"])
+    cfg["audit_hook"] = _sandbox_hook(allowed)
     with open("/proc/self/statm") as f:  # the address space a grandchild starts with, + slack
         cfg["vm_bytes"] = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE") + (64 << 20)
     gc.collect()
@@ -469,7 +689,7 @@ def main(argv: list[str]) -> int:
                 return 0  # the parent closed the pipe or died
             job = json.loads(body.decode())
             start = time.monotonic()
-            compiled = prepare(job["code"], cfg["screen"])
+            compiled = prepare(job["code"], cfg["screen"], cfg["policy"], cfg["allowed"])
             if isinstance(compiled, dict):
                 res, pid = dict(compiled, seconds=time.monotonic() - start), None
             else:
