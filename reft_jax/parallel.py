@@ -48,11 +48,14 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 @dataclasses.dataclass
 class MeshConfig:
-    """Mesh axis sizes; exactly one may be -1 meaning "all remaining devices"."""
+    """Mesh axis sizes; exactly one may be -1 meaning "all remaining devices".
+    `device_memory_gib`: memory of one device for the memory plan (`reft_jax.memory`); None reads
+    the accelerator's allocator limit (CPU: unknown, not checked)."""
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    device_memory_gib: float | None = None
 
     def validate(self) -> None:
         sizes = (self.data, self.fsdp, self.tensor)
