@@ -38,22 +38,49 @@ def _scalar(key: str, value: Any) -> int | float:
     raise TypeError(f"metric {key!r}: expected a number, got {type(value).__name__} {value!r}")
 
 
+def truncate_after(path: Path, step: int) -> int:
+    """Drop the records of `path` whose step is after `step`, atomically; returns how many.
+    The step-0 evaluation of a fresh run is kept when resuming from 0 (it is not redone)."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except json.JSONDecodeError:  # a line cut by a crash mid-write: dropped
+            continue
+        if row_step <= step:
+            keep.append(line)
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
 class MetricsWriter:
     """Appends `{"step", "time", **metrics}` to `run_dir/metrics.jsonl` and scalars to
     `run_dir/tb`. Disabled (a no-op) on processes other than 0 unless `enabled` says otherwise."""
 
     def __init__(self, run_dir: str | os.PathLike, enabled: bool | None = None,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, resume_step: int | None = None):
+        """`resume_step`: a run resumed from the checkpoint of this step will redo the steps
+        after it, so their records are dropped first (each step appears once; `0` = a fresh
+        start over an old file, None = append as is)."""
         self.run_dir = Path(run_dir)
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl = None
         self._tb = None
         if self.enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            path = self.run_dir / "metrics.jsonl"
+            if resume_step is not None and path.exists():
+                truncate_after(path, resume_step)
+            self._jsonl = open(path, "a", encoding="utf-8")
             if tensorboard:
                 from tensorboardX import SummaryWriter  # noqa: PLC0415 - only where used
-                self._tb = SummaryWriter(logdir=str(self.run_dir / "tb"))
+                # purge_step: TensorBoard hides events at or after it written before the restart
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(logdir=str(self.run_dir / "tb"), purge_step=purge)
 
     def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         """Record `metrics` at `step` under `prefix/`; returns the record written. Device values

@@ -24,9 +24,12 @@ from jax.sharding import Mesh
 
 from reft_jax import config as config_lib
 from reft_jax.checkpoint import Checkpointer, abstract_like, checkpoint_step
-from reft_jax.data.sources import DataConfig  # noqa: F401  (re-exported: the run configs' data section)
+from reft_jax.data.sources import DataConfig
+from reft_jax.metrics import MetricsWriter
 from reft_jax.model import llama
-from reft_jax.model.config import ModelConfig
+from reft_jax.model.config import ModelConfig, RematSetting
+from reft_jax.parallel import MeshConfig
+from reft_jax.train.loop import NAN_POLICIES, GuardConfig
 from reft_jax.train.state import OptimConfig, TrainState, make_optimizer
 
 
@@ -41,7 +44,7 @@ class ModelSpec:
     dtype: str | None = None  # compute dtype override
     param_dtype: str | None = None
     value_head_init: str = "torch_default"
-    remat: bool = False
+    remat: RematSetting | bool = "none"  # none | layer | dots_saveable | auto; true/false = layer/none
 
     def validate(self) -> None:
         if self.step not in ("latest", "best", "warmup") and not self.step.startswith("epoch:") \
@@ -63,6 +66,7 @@ class EvalConfig:
     """Per-epoch evaluation: greedy top-1 always, voting@k optionally."""
 
     every_epochs: int = 1
+    every_steps: int = 0  # also evaluate every so many steps (0 = only at epoch ends)
     batch_size: int = 8
     max_new_tokens: int = 400
     max_total_len: int | None = 1024  # ReFT caps prompt+completion (1024 SFT, 700 RL)
@@ -77,6 +81,8 @@ class EvalConfig:
             raise config_lib.ConfigError("must be test or val", key="select_on", value=self.select_on)
         if self.every_epochs < 1:
             raise config_lib.ConfigError("must be >= 1", key="every_epochs", value=self.every_epochs)
+        if self.every_steps < 0:
+            raise config_lib.ConfigError("must be >= 0 (0 = off)", key="every_steps", value=self.every_steps)
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
@@ -192,3 +198,83 @@ def config_drift(saved: dict, current: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The section every trainer's config shares, and opening a run directory
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RunConfig:
+    """What every run has: where it lives, its seed, the policy it starts from, its data,
+    optimizer, mesh and evaluation, how many checkpoints it keeps and how often it saves, and
+    what it does on a non-finite or collapsed step. Each trainer's config extends it (and may
+    give a field its own default); YAML files stay flat (`run_dir: ...`, `optim.lr: ...`)."""
+
+    run_dir: str = ""
+    seed: int = 42
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    keep: int = 1  # latest checkpoints kept, plus the best one
+    save_every_steps: int = 0  # mid-epoch checkpoints (preemption); 0 = end of epochs only
+    nan_policy: str = "stop"  # stop: one-line error, the last good checkpoint kept | skip: drop the update
+    guard: GuardConfig = dataclasses.field(default_factory=GuardConfig)
+
+    def validate_run(self) -> None:
+        if not self.run_dir:
+            raise config_lib.ConfigError("a run directory is required", key="run_dir", value=self.run_dir)
+        if self.keep < 1:
+            raise config_lib.ConfigError("must be >= 1", key="keep", value=self.keep)
+        if self.save_every_steps < 0:
+            raise config_lib.ConfigError("must be >= 0", key="save_every_steps", value=self.save_every_steps)
+        if self.nan_policy not in NAN_POLICIES:
+            raise config_lib.ConfigError(f"must be one of {NAN_POLICIES}", key="nan_policy", value=self.nan_policy)
+
+
+@dataclasses.dataclass
+class Run:
+    """An open run directory: what the loop and a trainer's hooks read; built once."""
+
+    cfg: Any  # the trainer's config (a RunConfig)
+    name: str
+    run_dir: pathlib.Path
+    mesh: Mesh
+    ckpt: Checkpointer
+    writer: MetricsWriter
+    model_config: ModelConfig
+    tokenizer: Any
+
+
+def compute_dtype(optim: OptimConfig) -> str | None:
+    """The forward's dtype override (None: the params' own float32)."""
+    return None if optim.compute_dtype == "float32" else optim.compute_dtype
+
+
+def open_or_start(cfg: Any, name: str, stack: contextlib.ExitStack, mesh: Mesh, total_steps: int,
+                  best_name: str | None, fresh: Callable[[], tuple[ModelConfig, Any, TrainState]],
+                  abstract: Callable[[ModelConfig], Any] | None = None,
+                  on_fresh: Callable[[], None] | None = None) -> tuple[Run, TrainState, dict]:
+    """Resume `cfg.run_dir` from its newest usable checkpoint (its own model config and
+    tokenizer, a line naming any config drift), or start it: `fresh()` gives (model config,
+    tokenizer, state), the run artifacts are written and `on_fresh()` runs. Returns the run,
+    the state and the restored meta ({} when fresh). Metrics of steps after the restored one
+    (redone by the resumed run) are dropped from metrics.jsonl and TensorBoard."""
+    run_dir = pathlib.Path(cfg.run_dir)
+    if abstract is None:
+        abstract = lambda mc: state_abstract(mc, cfg.optim, total_steps, mesh)  # noqa: E731
+    ckpt, restored, model_config, tokenizer = open_run(stack, run_dir, cfg.keep, best_name, abstract)
+    if restored is None:
+        model_config, tokenizer, state = fresh()
+        save_run_artifacts(run_dir, model_config, tokenizer, cfg.optim, total_steps, cfg)
+        if on_fresh is not None:
+            on_fresh()
+        meta: dict = {}
+    else:
+        state, meta = restored
+        drift = config_drift(meta.get("config", {}), config_lib.to_dict(cfg))
+        print(f"[{name}] resuming {run_dir} at step {meta['step']} (epoch {meta['epoch'] + 1}, batch "
+              f"{meta.get('batch', 0)})" + ("; config changed: " + "; ".join(drift) if drift else ""), flush=True)
+    writer = stack.enter_context(MetricsWriter(run_dir, resume_step=meta.get("step", 0) if meta else None))
+    return Run(cfg, name, run_dir, mesh, ckpt, writer, model_config, tokenizer), state, meta

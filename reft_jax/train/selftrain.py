@@ -29,23 +29,24 @@ import numpy as np
 import optax
 
 from reft_jax import config as config_lib
-from reft_jax.eval import inference
 from reft_jax import parallel
-from reft_jax.checkpoint import Checkpointer, improves
+from reft_jax.checkpoint import SELFTRAIN_MARKER
 from reft_jax.data.batches import bucket_length, epoch_batches, pad_sft_batch, steps_per_epoch
+from reft_jax.data.formats import DataError, Example
 from reft_jax.data.prompts import encode_sft, special_ids, sft_target
-from reft_jax.data.sources import DataError, Example
+from reft_jax.data.splits import load_examples, tokenizer_corpus
 from reft_jax.distributed import process_batch_slice
-from reft_jax.metrics import MetricsWriter, plot_metrics, progress
+from reft_jax.eval import inference
+from reft_jax.metrics import Timer, plot_metrics
 from reft_jax.model.config import ModelConfig
-from reft_jax.parallel import MeshConfig
 from reft_jax.reward.answers import answer_kind
 from reft_jax.reward.reward import RewardConfig
 from reft_jax.reward.sandbox import SandboxConfig
+from reft_jax.rollout.engine import RolloutEngine, encode_prefixes
 from reft_jax.rollout.sampler import SampleConfig
-from reft_jax.train import sharded
-from reft_jax.train.run import DataConfig, EvalConfig, ModelSpec, build_policy, save_run_artifacts, state_abstract
-from reft_jax.train.sft import SFTConfig, run_sft
+from reft_jax.train import loop, sharded
+from reft_jax.train.run import EvalConfig, ModelSpec, RunConfig, build_policy, compute_dtype, open_or_start
+from reft_jax.train.sft import SFTConfig, evaluate_splits, eval_executor, run_sft
 from reft_jax.train.sft_step import sequence_nll
 from reft_jax.train.state import (OptimConfig, TrainState, accumulate_gradients, apply_gradients,
                                    cast_for_compute, make_optimizer, make_schedule, split_microbatches)
@@ -109,21 +110,15 @@ class OfflineConfig:
 def _offline_samples(cfg: OfflineConfig, train: list[Example], stack: contextlib.ExitStack
                      ) -> list[inference.SampleSet]:
     """The train-split samples: from `cfg.samples`, or drawn from the warm-up checkpoint now."""
-    from reft_jax.parallel import build_mesh
-
     data = cfg.sft.data
     if cfg.samples is not None:
         return inference.load_sample_sets(cfg.samples, data, "train", stack, cfg.sft.eval.timeout)
     path = pathlib.Path(cfg.sft.run_dir) / "selftrain_samples.jsonl"
     if path.exists():
         return inference.read_sample_file(path)
-    mesh = build_mesh(cfg.sft.mesh)
+    mesh = parallel.build_mesh(cfg.sft.mesh)
     model_config, params, tokenizer = build_policy(cfg.warmup, mesh, cfg.sft.seed)
-    executor = None
-    if data.engine == "python":
-        from reft_jax.reward.sandbox import ProgramExecutor
-
-        executor = stack.enter_context(ProgramExecutor(SandboxConfig(timeout=cfg.sft.eval.timeout)))
+    executor = eval_executor(cfg.sft, stack)
     sample_cfg = SampleConfig(max_new_tokens=cfg.max_new_tokens, max_total_len=cfg.max_total_len,
                               temperature=cfg.temperature, top_k=cfg.top_k, n=cfg.k)
     sets = inference.sample_sets(params, model_config, tokenizer, train, data, sample_cfg,
@@ -136,7 +131,6 @@ def _offline_samples(cfg: OfflineConfig, train: list[Example], stack: contextlib
 
 def run_offline(cfg: OfflineConfig) -> dict[str, Any]:
     """Sample (or read) the warm-up's train samples, build the rows, run the SFT recipe."""
-    from reft_jax.data.splits import load_examples
 
     cfg.validate()
     cfg.sft.validate()
@@ -155,7 +149,6 @@ def run_offline(cfg: OfflineConfig) -> dict[str, Any]:
 
 def _mark(run_dir: str, mode: str, **info: Any) -> None:
     """`selftrain.json`: tells `reft report` (and a reader) which baseline the run is."""
-    from reft_jax.checkpoint import SELFTRAIN_MARKER
 
     if jax.process_index() == 0:
         path = pathlib.Path(run_dir) / SELFTRAIN_MARKER
@@ -223,17 +216,13 @@ def _online_eval() -> EvalConfig:
 
 
 @dataclasses.dataclass
-class OnlineConfig:
+class OnlineConfig(RunConfig):
     """One OnSL run; defaults are ReFT's (§8.2, §8b): the warm-up checkpoint, 32 questions x 1
     sample per step, 2 updates per step, lr 3e-7 constant, prompts <= 300 and 700 tokens in all,
     greedy test evaluation after every epoch with the best checkpoint kept."""
 
-    run_dir: str
-    seed: int = 42
     model: ModelSpec = dataclasses.field(default_factory=lambda: ModelSpec(step="warmup"))
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=_online_optim)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     eval: EvalConfig = dataclasses.field(default_factory=_online_eval)
     sandbox: SandboxConfig = dataclasses.field(default_factory=SandboxConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
@@ -249,14 +238,12 @@ class OnlineConfig:
     gold_max_len: int = 300  # ReFT truncates the gold SFT rows at max_input_length (300)
     prompt_bucket: int = 32
     length_bucket: int = 64
-    keep: int = 1
     max_steps: int | None = None  # stop this invocation after so many rollout steps
 
     def validate(self) -> None:
-        if not self.run_dir:
-            raise config_lib.ConfigError("a run directory is required", key="run_dir", value=self.run_dir)
+        self.validate_run()
         for name in ("epochs", "batch_questions", "n_samples", "updates_per_step", "gold_max_len",
-                     "prompt_bucket", "length_bucket", "keep"):
+                     "prompt_bucket", "length_bucket"):
             if getattr(self, name) < 1:
                 raise config_lib.ConfigError("must be >= 1", key=name, value=getattr(self, name))
         if self.data.max_prompt_len >= self.max_total_len:
@@ -265,183 +252,124 @@ class OnlineConfig:
 
 
 @dataclasses.dataclass
-class _Online:
-    """What the loop reads; built once."""
+class OnlineTrainer(loop.Trainer):
+    """OnSL's own parts: ReFT's rollout (the PPO rollout engine) plus the gold rows of the same
+    questions, and `updates_per_step` supervised updates on them."""
 
-    cfg: OnlineConfig
-    run_dir: pathlib.Path
-    mesh: Any
-    splits: Any
-    model_config: ModelConfig
-    tokenizer: Any
-    sample_config: SampleConfig
-    executor: Any
-    step_fn: Callable | None
-    make_step: Callable
-    ckpt: Checkpointer
-    writer: MetricsWriter
-    best_name: str
+    cfg: OnlineConfig | None = None
+    splits: Any = None
+    rollout: RolloutEngine | None = None
+    make_step: Callable | None = None
+    step_fn: Callable | None = None
+    timer: Timer = dataclasses.field(default_factory=Timer)
+    _order: tuple[int, list] | None = None
 
+    def onsl_batch(self, examples: Sequence[Example], key: jax.Array, params: Any
+                   ) -> tuple[dict[str, np.ndarray], Any]:
+        """One rollout and the gold rows: the host batch and the rewards."""
+        cfg, tok, sc = self.cfg, self.run.tokenizer, self.rollout.sample_config
+        prefixes = encode_prefixes(tok, [ex.question for ex in examples], cfg.data.engine, cfg.data.max_prompt_len,
+                                   sc.pad_id, cfg.prompt_bucket, cfg.data.header_newline)
+        ro = self.rollout.run(params, prefixes, examples, key, self.timer)
+        host, width = ro.host, prefixes.tokens.shape[1]
+        gold = [encode_sft(tok, ex, cfg.data.engine, cfg.gold_max_len) for ex in examples]
+        padded = pad_sft_batch(gold, bucket_length(max(len(g.ids) for g in gold), cfg.length_bucket, cfg.gold_max_len),
+                               sc.pad_id, len(gold))
+        unit = np.zeros((len(gold),), np.float32)
+        unit[0] = 1.0
+        batch = {"sample_tokens": host["tokens"], "sample_mask": host["attention_mask"],
+                 "sample_weights": sample_weights(host["attention_mask"], width, ro.rewards.correct),
+                 "gold_tokens": padded["tokens"], "gold_mask": padded["attention_mask"],
+                 "gold_weights": padded["loss_weights"], "unit": unit}
+        return batch, ro.rewards
 
-def _setup_online(cfg: OnlineConfig, stack: contextlib.ExitStack) -> tuple[_Online, TrainState, dict]:
-    from reft_jax.parallel import build_mesh
-    from reft_jax.data.splits import load_examples, tokenizer_corpus
-    from reft_jax.train.run import open_run
+    def step(self, state, step, epoch, bi, upcoming):
+        cfg, train = self.cfg, self.splits.train
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_batches(len(train), cfg.batch_questions, cfg.seed, epoch, drop_last=True))
+        examples = [train[i] for i in self._order[1][bi]]
+        start = time.perf_counter()
+        host, rewards = self.onsl_batch(examples, jax.random.fold_in(state.rng, step), state.params)
+        # this process's rows of each part (the two parts have different row counts)
+        batch = parallel.shard_batch({k: v[process_batch_slice(len(v), self.run.mesh)] for k, v in host.items()},
+                                     self.run.mesh)
+        if self.step_fn is None:
+            self.step_fn = sharded.jit_step(self.make_step, state, batch, self.run.mesh)
+        updates = []
+        for _ in range(cfg.updates_per_step):
+            state, m = self.step_fn(state, batch)
+            updates.append(m)
+        updates = jax.device_get(updates)
+        self.timer.summary(reset=True)
+        rec = {k: float(np.mean([u[k] for u in updates])) for k in updates[0]}
+        rec["nonfinite"] = float(sum(int(u["nonfinite"]) for u in updates))
+        rec.update(accuracy=float(rewards.correct.mean()), mean_reward=float(rewards.scores.mean()),
+                   seconds=time.perf_counter() - start)
+        return state, rec
 
-    run_dir = pathlib.Path(cfg.run_dir)
-    mesh = build_mesh(cfg.mesh)
-    div = parallel.batch_divisor(mesh) * cfg.optim.grad_accum  # both parts split over both
-    if cfg.batch_questions % div:
-        raise config_lib.ConfigError(f"must be a multiple of data*fsdp*grad_accum = {div}", key="batch_questions",
-                                     value=cfg.batch_questions)
-    splits = load_examples(cfg.data, cfg.seed)
-    if len(splits.train) < cfg.batch_questions:
-        raise config_lib.ConfigError(f"only {len(splits.train)} training questions", key="batch_questions",
-                                     value=cfg.batch_questions)
-    total = steps_per_epoch(len(splits.train), cfg.batch_questions, drop_last=True) * cfg.epochs * cfg.updates_per_step
-    tx = make_optimizer(cfg.optim, total)
-    best_name = f"{cfg.eval.select_on}_accuracy"
-    ckpt, restored, model_config, tokenizer = open_run(
-        stack, run_dir, cfg.keep, best_name, lambda mc: state_abstract(mc, cfg.optim, total, mesh))
-    if restored is None:
-        corpus = tokenizer_corpus(splits.train, cfg.data.engine) if cfg.model.path is None else None
-        model_config, params, tokenizer = build_policy(cfg.model, mesh, cfg.seed, corpus)
-        state = sharded.create_state(params, tx, jax.random.key(cfg.seed), mesh)
-        save_run_artifacts(run_dir, model_config, tokenizer, cfg.optim, total, cfg)
-        _mark(cfg.run_dir, "online", policy=cfg.model.path, step=cfg.model.step)
-        meta: dict = {}
-    else:
-        state, meta = restored
-    ids = special_ids(tokenizer)
-    sample_cfg = SampleConfig(max_new_tokens=cfg.max_new_tokens or cfg.max_total_len, max_total_len=cfg.max_total_len,
-                              temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, n=cfg.n_samples,
-                              eos_ids=(ids.eos,), pad_id=ids.pad)
-    executor = None
-    if cfg.data.engine == "python":
-        from reft_jax.reward.sandbox import ProgramExecutor
+    def postfix(self, rec):
+        return {"loss": f"{rec['loss']:.4f}", "acc": f"{rec['accuracy']:.3f}"}
 
-        executor = stack.enter_context(ProgramExecutor(cfg.sandbox))
-    compute = None if cfg.optim.compute_dtype == "float32" else cfg.optim.compute_dtype
-    make_step = make_onsl_step(model_config, tx, make_schedule(cfg.optim, total), cfg.optim.grad_accum, compute)
-    print(f"[selftrain online] {run_dir}\n" + config_lib.describe_derived({
-        "questions": (len(splits.train), f"test {len(splits.test)}"),
-        "steps/epoch": (total // cfg.epochs // cfg.updates_per_step, f"floor({len(splits.train)} / "
-                                                                      f"{cfg.batch_questions} questions)"),
-        "updates": (total, f"{cfg.epochs} epochs x {cfg.updates_per_step} per step"),
-        "sequences/step": (cfg.batch_questions * cfg.n_samples, f"+ {cfg.batch_questions} gold rows"),
-    }), flush=True)
-    run = _Online(cfg, run_dir, mesh, splits, model_config, tokenizer, sample_cfg, executor, None, make_step, ckpt,
-                  stack.enter_context(MetricsWriter(run_dir)), best_name)
-    return run, state, meta
+    def has_eval(self) -> bool:
+        return bool(self.splits.test or self.splits.val)
 
-
-def onsl_batch(run: _Online, examples: Sequence[Example], key: jax.Array, params: Any
-               ) -> tuple[dict[str, np.ndarray], Any]:
-    """One rollout (ReFT's, via the PPO rollout pieces) and the gold rows: the host batch and
-    the rewards."""
-    from reft_jax.rollout import sampler as sampling
-    from reft_jax.rollout.engine import decode_texts, encode_prefixes, score_rollouts, trim_rollout
-
-    cfg, tok, sc = run.cfg, run.tokenizer, run.sample_config
-    prefixes = encode_prefixes(tok, [ex.question for ex in examples], cfg.data.engine, cfg.data.max_prompt_len,
-                               sc.pad_id, cfg.prompt_bucket, cfg.data.header_newline)
-    out = sampling.sample(params, prefixes.tokens, prefixes.mask, key, run.model_config, sc, mesh=run.mesh)
-    tokens, mask, logprobs = jax.device_get((out.tokens, out.mask, out.logprobs))
-    P = prefixes.tokens.shape[1]
-    host = trim_rollout(tokens, mask, logprobs, P, cfg.length_bucket, sc.eos_ids[0], sc.pad_id)
-    rows = [ex for ex in examples for _ in range(sc.n)]
-    rewards = score_rollouts(decode_texts(tok, host["tokens"], host["attention_mask"]), rows,
-                             answer_kind(cfg.data.dataset), cfg.data.engine, run.executor, cfg.reward)
-    gold = [encode_sft(tok, ex, cfg.data.engine, cfg.gold_max_len) for ex in examples]
-    width = bucket_length(max(len(g.ids) for g in gold), cfg.length_bucket, cfg.gold_max_len)
-    padded = pad_sft_batch(gold, width, sc.pad_id, len(gold))
-    unit = np.zeros((len(gold),), np.float32)
-    unit[0] = 1.0
-    batch = {"sample_tokens": host["tokens"], "sample_mask": host["attention_mask"],
-             "sample_weights": sample_weights(host["attention_mask"], P, rewards.correct),
-             "gold_tokens": padded["tokens"], "gold_mask": padded["attention_mask"],
-             "gold_weights": padded["loss_weights"], "unit": unit}
-    return batch, rewards
-
-
-def _local(batch: dict[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]:
-    """This process's rows of each part (the two parts have different row counts)."""
-    return parallel.shard_batch({k: v[process_batch_slice(len(v), mesh)] for k, v in batch.items()}, mesh)
-
-
-def _evaluate_online(run: _Online, params: Any, epoch: int, step: int) -> dict[str, float]:
-    """Greedy top-1 on the test split with the rollout prefix and the RL length cap."""
-    from reft_jax.eval import evaluate as ev
-
-    if not run.splits.test:
-        return {}
-    rng = jax.random.fold_in(jax.random.key(run.cfg.seed + 1), epoch)
-    result = ev.evaluate(params, run.model_config, run.tokenizer, run.splits.test, run.cfg.data, run.cfg.eval, rng,
-                         run.mesh, run.executor, vote_k=run.cfg.eval.vote_k, prefix="rollout")
-    ev.write_predictions(run.run_dir / "eval" / f"epoch{epoch:03d}_test.jsonl", result["predictions"])
-    out = {f"test_{k}": float(v) for k, v in result["metrics"].items()}
-    run.writer.write(step, {**out, "epoch": epoch}, prefix="eval")
-    print(f"[selftrain online] eval after epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()),
-          flush=True)
-    return out
+    def evaluate(self, params, epoch, step):
+        """Greedy top-1 with the rollout prefix and the RL length cap."""
+        return evaluate_splits(params, self.run, self.splits, epoch, self.cfg.seed + 1, self.rollout.executor,
+                               "rollout")
 
 
 def run_online(cfg: OnlineConfig) -> dict[str, Any]:
-    """Train (or continue, from the last epoch-end checkpoint) an OnSL run."""
+    """Train (or continue) an OnSL run."""
     cfg.validate()
     with contextlib.ExitStack() as stack:
-        run, state, meta = _setup_online(cfg, stack)
-        summary = _online_loop(run, state, meta, stack)
+        mesh = parallel.build_mesh(cfg.mesh)
+        div = parallel.batch_divisor(mesh) * cfg.optim.grad_accum  # both parts split over both
+        if cfg.batch_questions % div:
+            raise config_lib.ConfigError(f"must be a multiple of data*fsdp*grad_accum = {div}",
+                                         key="batch_questions", value=cfg.batch_questions)
+        splits = load_examples(cfg.data, cfg.seed)
+        if len(splits.train) < cfg.batch_questions:
+            raise config_lib.ConfigError(f"only {len(splits.train)} training questions", key="batch_questions",
+                                         value=cfg.batch_questions)
+        spe = steps_per_epoch(len(splits.train), cfg.batch_questions, drop_last=True)
+        total = spe * cfg.epochs * cfg.updates_per_step
+        tx = make_optimizer(cfg.optim, total)
+
+        def fresh():
+            corpus = tokenizer_corpus(splits.train, cfg.data.engine) if cfg.model.path is None else None
+            model_config, params, tokenizer = build_policy(cfg.model, mesh, cfg.seed, corpus)
+            return model_config, tokenizer, sharded.create_state(params, tx, jax.random.key(cfg.seed), mesh)
+
+        run, state, meta = open_or_start(cfg, "selftrain online", stack, mesh, total,
+                                         f"{cfg.eval.select_on}_accuracy", fresh,
+                                         on_fresh=lambda: _mark(cfg.run_dir, "online", policy=cfg.model.path,
+                                                                step=cfg.model.step))
+        ids = special_ids(run.tokenizer)
+        sample_cfg = SampleConfig(max_new_tokens=cfg.max_new_tokens or cfg.max_total_len,
+                                  max_total_len=cfg.max_total_len, temperature=cfg.temperature, top_k=cfg.top_k,
+                                  top_p=cfg.top_p, n=cfg.n_samples, eos_ids=(ids.eos,), pad_id=ids.pad)
+        executor = None
+        if cfg.data.engine == "python":
+            from reft_jax.reward.sandbox import ProgramExecutor
+
+            executor = stack.enter_context(ProgramExecutor(cfg.sandbox))
+        engine = RolloutEngine(run.model_config, sample_cfg, run.tokenizer, mesh, answer_kind(cfg.data.dataset),
+                               cfg.data.engine, executor, cfg.reward, cfg.length_bucket)
+        print(f"[selftrain online] {run.run_dir}\n" + config_lib.describe_derived({
+            "questions": (len(splits.train), f"test {len(splits.test)}"),
+            "steps/epoch": (spe, f"floor({len(splits.train)} / {cfg.batch_questions} questions)"),
+            "updates": (total, f"{cfg.epochs} epochs x {cfg.updates_per_step} per step"),
+            "sequences/step": (cfg.batch_questions * cfg.n_samples, f"+ {cfg.batch_questions} gold rows"),
+        }), flush=True)
+        make_step = loop.keep_finite(make_onsl_step(run.model_config, tx, make_schedule(cfg.optim, total),
+                                                    cfg.optim.grad_accum, compute_dtype(cfg.optim)))
+        trainer = OnlineTrainer(name="onsl", run=run, steps_per_epoch=spe, last_epoch=cfg.epochs,
+                                best_name=f"{cfg.eval.select_on}_accuracy", max_steps=cfg.max_steps,
+                                cfg=cfg, splits=splits, rollout=engine, make_step=make_step)
+        _, summary = loop.train(trainer, state, meta, stack)
     plot_metrics(run.run_dir)
     return summary
-
-
-def _online_loop(run: _Online, state: TrainState, meta: dict, stack: contextlib.ExitStack) -> dict[str, Any]:
-    cfg = run.cfg
-    train = run.splits.train
-    per_epoch = steps_per_epoch(len(train), cfg.batch_questions, drop_last=True)
-    step, best, last_eval = meta.get("step", 0), meta.get("best"), dict(meta.get("eval") or {})
-    positions = [(e, b) for e in range(meta.get("epoch", 0), cfg.epochs) for b in range(per_epoch)]
-    positions = positions[:cfg.max_steps] if cfg.max_steps is not None else positions
-    bar = stack.enter_context(progress(total=per_epoch * cfg.epochs, initial=step, desc="onsl", unit="step"))
-    last: dict[str, float] = {}
-    order: list = []
-    for epoch, bi in positions:
-        if bi == 0 or not order:
-            order = epoch_batches(len(train), cfg.batch_questions, cfg.seed, epoch, drop_last=True)
-        examples = [train[i] for i in order[bi]]
-        start = time.perf_counter()
-        host, rewards = onsl_batch(run, examples, jax.random.fold_in(state.rng, step), state.params)
-        batch = _local(host, run.mesh)
-        if run.step_fn is None:
-            run.step_fn = sharded.jit_step(run.make_step, state, batch, run.mesh)
-        updates = []
-        for _ in range(cfg.updates_per_step):
-            state, m = run.step_fn(state, batch)
-            updates.append(m)
-        updates = jax.device_get(updates)
-        step += 1
-        last = {k: float(np.mean([u[k] for u in updates])) for k in updates[0]}
-        last.update(accuracy=float(rewards.correct.mean()), mean_reward=float(rewards.scores.mean()),
-                    epoch=epoch + (bi + 1) / per_epoch, seconds=time.perf_counter() - start)
-        if not np.isfinite(last["loss"]):
-            raise FloatingPointError(f"non-finite OnSL loss at step {step}; lower optim.lr")
-        run.writer.write(step, last, prefix="train")
-        bar.update(1)
-        bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.3f}", refresh=False)
-        if bi != per_epoch - 1:
-            continue
-        metric = None
-        if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.epochs:
-            last_eval = _evaluate_online(run, state.params, epoch + 1, step)
-            metric = last_eval.get(run.best_name)
-            if metric is not None and (best is None or improves(metric, best["value"])):
-                best = {"name": run.best_name, "value": metric, "epoch": epoch + 1, "step": step}
-        run.ckpt.save(step, state, {"step": step, "epoch": epoch + 1, "batch": 0, "epoch_end": epoch + 1,
-                                    "best": best, "eval": last_eval, "config": config_lib.to_dict(cfg)},
-                      metric=metric)
-    run.ckpt.wait()
-    return {"run_dir": str(run.run_dir), "step": step, "train": last, "eval": last_eval, "best": best}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def commands(root: pathlib.Path) -> dict[str, list[str]]:
                              "online.eval.batch_size=16", *("online." + d for d in RL_DATA)],
         "rerank_train": ["rerank", "train", "--config", str(CONFIGS / "verifier_synthetic_tiny.yaml"),
                          f"run_dir={ver}", f"train_samples={off / 'selftrain_samples.jsonl'}",
-                         f"model.path={sft}", "epochs=1", "max_len=160", "eval_every_steps=4",
+                         f"model.path={sft}", "epochs=1", "max_len=160", "eval.every_steps=4",
                          "data.synthetic.num_train=480", "data.synthetic.num_test=16"],
     }
 
@@ -121,6 +121,13 @@ def fingerprint(root: pathlib.Path) -> dict:
             for name, d in run_dirs(root).items()}
 
 
+def _number(v):
+    """A recorded value back to a number (floats are stored as exact hex)."""
+    if isinstance(v, str) and v.lstrip("-").startswith("0x"):
+        return float.fromhex(v)
+    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
 def differences(golden: dict, now: dict) -> list[str]:
     """Human-readable differences; metric keys new since the recording are allowed."""
     out = []
@@ -133,10 +140,8 @@ def differences(golden: dict, now: dict) -> list[str]:
             out.append(f"{name}: {len(got['metrics'])} metric rows, recorded {len(rec['metrics'])}")
         for i, (a, b) in enumerate(zip(rec["metrics"], got["metrics"])):
             for k, v in a.items():
-                if b.get(k) != v:
-                    fa = float.fromhex(v) if isinstance(v, str) and v.startswith(("0x", "-0x")) else v
-                    fb = b.get(k)
-                    fb = float.fromhex(fb) if isinstance(fb, str) and fb.startswith(("0x", "-0x")) else fb
+                fa, fb = _number(v), _number(b.get(k))
+                if fa != fb and not (fa != fa and fb != fb):  # equal values (an int 1 == 1.0), or both NaN
                     out.append(f"{name}: row {i} {k}: {fb!r}, recorded {fa!r}")
         if rec["checkpoints"] != got["checkpoints"]:
             out.append(f"{name}: checkpoints {got['checkpoints']} != recorded {rec['checkpoints']}")

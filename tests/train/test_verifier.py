@@ -125,8 +125,8 @@ SCRATCH = ["model.scratch.num_layers=2", "model.scratch.hidden_size=32", "model.
            "model.tokenizer_vocab_size=300", "mesh.fsdp=1"]
 SYN_YAML = ("data.synthetic={num_train: 240, num_test: 4, start_range: [2, 9], operand_range: [2, 4], "
             "max_value: 9, operations: [add, sub], held_out_pairs: [[sub, add]]}")
-TINY_RUN = ["optim.lr=5e-3", "epochs=8", "batch_size=24", "bucket=128", "eval_every_steps=100000",
-            "eval_batch_size=120", "keep=2", "mesh.fsdp=1"]
+TINY_RUN = ["optim.lr=5e-3", "epochs=8", "batch_size=24", "bucket=128", "eval.every_steps=100000",
+            "eval.batch_size=120", "keep=2", "mesh.fsdp=1"]
 
 
 def write_sets(path, sets):
