@@ -2,11 +2,31 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal, get_args
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = ("float32", "bfloat16", "float16")
+# Rematerialisation of the decoder layers in the backward pass (`ModelConfig.remat`):
+#   none           keep every layer's activations (fastest, most memory)
+#   layer          save only each layer's input; recompute the whole layer in the backward pass
+#   dots_saveable  save the outputs of the weight matmuls (q/k/v/o, gate/up/down projections), recompute
+#                  the rest (attention scores / softmax, norms, activations): between the two
+#   auto           left for the memory planner (`reft_jax.memory`) to resolve before a run; a model
+#                  traced while it is still "auto" behaves as "none"
+RematSetting = Literal["none", "layer", "dots_saveable", "auto"]  # config annotation (+ bool for old files)
+REMAT_CHOICES: tuple[str, ...] = get_args(RematSetting)
+
+
+def normalize_remat(value: Any) -> str:
+    """`ModelConfig.remat` as one of REMAT_CHOICES; the booleans of older configs and
+    `model_config.json` files map True -> "layer", False -> "none"."""
+    if isinstance(value, bool):
+        return "layer" if value else "none"
+    if isinstance(value, str) and value in REMAT_CHOICES:
+        return value
+    raise ValueError(f"model.remat must be one of {', '.join(REMAT_CHOICES)} (or true / false: "
+                     f"layer / none), got {value!r}")
 
 
 @dataclasses.dataclass
@@ -29,9 +49,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     architecture: str = "LlamaForCausalLM"
     value_head_init: str = "torch_default"  # ReFT: PyTorch nn.Linear default; or "zeros"
-    remat: bool = False  # rematerialise each layer in the backward pass (saves activation memory)
+    # none | layer | dots_saveable | auto (see REMAT_CHOICES); true / false are read as layer / none
+    remat: RematSetting | bool = "none"
 
     def __post_init__(self) -> None:
+        self.remat = normalize_remat(self.remat)
         self.validate()
 
     def validate(self) -> None:
@@ -53,6 +75,7 @@ class ModelConfig:
                 f"architecture {self.architecture!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        normalize_remat(self.remat)
         if self.value_head_init not in ("torch_default", "zeros"):
             raise ValueError(f"value_head_init must be torch_default or zeros, got {self.value_head_init!r}")
         if self.rope_scaling is not None:

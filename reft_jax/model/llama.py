@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from reft_jax.model.config import ModelConfig
+from reft_jax.model.config import ModelConfig, normalize_remat
 from reft_jax.model.rope import apply_rope, rope_cos_sin
 from reft_jax.parallel import constrain
 
@@ -178,6 +178,30 @@ class ValueHead(nn.Module):
         return (h.astype(jnp.float32) @ kernel.astype(jnp.float32))[..., 0] + bias.astype(jnp.float32)[0]
 
 
+def remat_policy(remat: str):
+    """The `jax.checkpoint` policy of a `ModelConfig.remat` value (None: no rematerialisation,
+    `"nothing"`: save only the layer's inputs). "auto" is resolved by the memory planner before a
+    run; if it reaches the model unresolved it means "none"."""
+    remat = normalize_remat(remat)
+    if remat in ("none", "auto"):
+        return None
+    if remat == "layer":
+        return "nothing"
+    # "dots_saveable": keep the weight matmuls' outputs (dots without batch dimensions: the
+    # q/k/v/o and MLP projections), recompute attention scores / softmax, norms and activations.
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+
+def remat_block(remat: str):
+    """`Block`, wrapped in `nn.remat` as `ModelConfig.remat` asks."""
+    policy = remat_policy(remat)
+    if policy is None:
+        return Block
+    if policy == "nothing":
+        return nn.remat(Block, prevent_cse=False)
+    return nn.remat(Block, prevent_cse=False, policy=policy)
+
+
 class Transformer(nn.Module):
     cfg: ModelConfig
 
@@ -188,9 +212,7 @@ class Transformer(nn.Module):
             c.vocab_size, c.hidden_size, dtype=_dtype(c.dtype), param_dtype=pdt,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
         )
-        block = Block
-        if c.remat:
-            block = nn.remat(Block, prevent_cse=False)
+        block = remat_block(c.remat)
         self.layers = nn.scan(
             block,
             variable_axes={"params": 0},
@@ -239,6 +261,11 @@ class Transformer(nn.Module):
     def values(self, h):
         return self.value_head(h)
 
+    def hidden_and_values(self, tokens, positions, attention_mask):
+        """(final normed hidden [B, T, D] in the compute dtype, values f32 [B, T]): no lm_head."""
+        h, _ = self.hidden(tokens, positions, attention_mask)
+        return h, self.values(h)
+
     def __call__(self, tokens, positions, attention_mask, cache: KVCache | None = None):
         h, new_cache = self.hidden(tokens, positions, attention_mask, cache)
         logits, values = self.heads(h)
@@ -258,6 +285,25 @@ def forward_hidden(params, tokens, positions, attention_mask, config: ModelConfi
     h, _ = Transformer(config).apply({"params": params}, tokens, positions, attention_mask,
                                      method=Transformer.hidden)
     return h.astype(jnp.float32)
+
+
+def hidden_states(params, tokens, positions, attention_mask, config: ModelConfig) -> tuple[Array, Array]:
+    """`(hidden [B, T, D] in the compute dtype, values f32 [B, T])`: `forward` without the lm_head.
+
+    `values` equal `forward`'s bit for bit; `hidden @ lm_head_matrix(params, config)` in float32 are
+    `forward`'s logits. Feed both to `reft_jax.model.logprobs` to get per-token log-probs,
+    entropies and NLL without ever holding `[B, T, V]` float32 logits.
+    """
+    return Transformer(config).apply({"params": params}, tokens, positions, attention_mask,
+                                     method=Transformer.hidden_and_values)
+
+
+def lm_head_matrix(params, config: ModelConfig) -> Array:
+    """The output projection `[D, V]` in the params' dtype: the embedding transposed when tied,
+    else `lm_head/kernel`. `forward`'s logits are `float32(hidden) @ float32(lm_head_matrix)`."""
+    if config.tie_word_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
 
 
 def apply_heads(params, hidden: Array, config: ModelConfig) -> tuple[Array, Array]:
