@@ -14,6 +14,7 @@ import sys
 # name -> (module, one-line purpose). The order is the order of the workflow.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("reft_jax.commands.demo", "SFT warm-up -> ReFT PPO -> evaluation on embedded synthetic problems"),
+    "experiment": ("reft_jax.commands.experiment", "ReFT vs SFT on SmolLM2-135M: SFT, warm-up, PPO, table, plot"),
     "sft": ("reft_jax.commands.sft", "supervised fine-tuning (the warm-up phase) from a YAML config"),
     "ppo": ("reft_jax.commands.ppo", "ReFT PPO from an SFT checkpoint"),
     "selftrain": ("reft_jax.commands.selftrain", "offline / online self-training baselines"),

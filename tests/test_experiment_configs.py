@@ -12,13 +12,14 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "conf
 
 
 def _config_class(path: pathlib.Path):
+    from reft_jax.experiment.small import ExperimentConfig
     from reft_jax.train.ppo import PPOConfig
     from reft_jax.train.selftrain import SelfTrainConfig
     from reft_jax.train.sft import SFTConfig
     from reft_jax.train.verifier import VerifierConfig
 
     kinds = {"sft": SFTConfig, "reft": PPOConfig, "ppo": PPOConfig, "selftrain": SelfTrainConfig,
-             "rerank": VerifierConfig, "verifier": VerifierConfig}
+             "rerank": VerifierConfig, "verifier": VerifierConfig, "experiment": ExperimentConfig}
     return kinds[path.name.split("_", 1)[0]]
 
 

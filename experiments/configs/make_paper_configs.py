@@ -5,10 +5,13 @@
 paper/: CodeLlama-7B (the paper's Table 2/3/4 rows): SFT, ReFT, offline/online self-training and
 the verifier, for GSM8K / SVAMP / MathQA (MCQ) × N-CoT / P-CoT and MathQA-numeric N-CoT.
 small/: the same recipes for SmolLM2-135M (the paper's small-model Table 5 settings).
+small/experiment_*_paper.yaml: both phases of one recipe for `reft experiment small --budget paper`;
+the shortened budgets there (gpu8min, cputiny) are written by hand.
 Model paths are placeholders for the user's local copy (`hf_models/CodeLlama-7b-hf`).
 """
 from __future__ import annotations
 
+import copy
 import pathlib
 
 import yaml
@@ -42,6 +45,10 @@ SMALL = {
     "sft": {"lr": 2e-5, "epochs": 40, "batch": 48, "grad_accum": 1},
     "ppo": {"lr": 3e-6, "epochs": 700, "questions": 256, "vf_coef": 5.0},
     "offline_epochs": 20,
+    # The official small-model scripts (exps/small_model_exps, reference §8b) differ per dataset:
+    # ReFT starts from SFT epoch 10 (GSM8K, SVAMP) or 40 (MathQA), and MathQA SFT runs 100 epochs.
+    "warmup": {"gsm8k": 10, "svamp": 10, "mathqa": 40},
+    "sft_epochs": {"mathqa": 100},
 }
 
 
@@ -50,6 +57,7 @@ def data(dataset: str, engine: str) -> dict:
 
 
 def sft(s: dict, dataset: str, engine: str, warmup: int, tag: str) -> dict:
+    epochs = s.get("sft_epochs", {}).get(dataset, s["sft"]["epochs"])
     return {
         "run_dir": f"runs/{tag}/sft_{dataset}_{engine}",
         "seed": 42,
@@ -59,10 +67,10 @@ def sft(s: dict, dataset: str, engine: str, warmup: int, tag: str) -> dict:
                   "weight_decay": 0.0, "eps": 1e-8, "clip_norm": 1.0, "grad_accum": s["sft"]["grad_accum"],
                   "compute_dtype": s["compute_dtype"]},
         "mesh": s["mesh"],
-        "epochs": s["sft"]["epochs"],
+        "epochs": epochs,
         "batch_size": s["sft"]["batch"],
         "warmup_epoch": warmup,
-        "keep": s["sft"]["epochs"],  # ReFT keeps every epoch (the SFT number is the best one)
+        "keep": epochs,  # ReFT keeps every epoch (the SFT number is the best one)
         "eval": {"every_epochs": 1, "batch_size": 24, "max_new_tokens": 1024, "max_total_len": 1024,
                  "select_on": "test"},
     }
@@ -98,6 +106,21 @@ def reft(s: dict, dataset: str, engine: str, kl: float, tag: str) -> dict:
         "eval": {"every_epochs": 1, "batch_size": 8, "max_new_tokens": 700, "max_total_len": 700,
                  "select_on": "test"},
     }
+
+
+def experiment(s: dict, dataset: str, engine: str, warmup: int, kl: float) -> dict:
+    """`reft experiment small` (reft_jax/experiment/small.py): SFT and ReFT of one recipe, run
+    directories derived per seed (so the phases' own run_dir / model path are left out)."""
+    phase_sft = copy.deepcopy(sft(s, dataset, engine, warmup, "small"))
+    phase_ppo = copy.deepcopy(reft(s, dataset, engine, kl, "small"))
+    for phase in (phase_sft, phase_ppo):  # set per seed from the experiment's own keys
+        for key in ("run_dir", "seed", "mesh"):
+            phase.pop(key)
+    phase_ppo["model"].pop("path")
+    return {"run_dir": f"runs/experiment_small/{dataset}_{engine}_paper",
+            "budget": "paper: the official small-model recipe (reference section 8b), Table 5 protocol",
+            "seeds": [0], "vote_k": 100, "n_boot": 10000, "mesh": dict(s["mesh"]), "sft": phase_sft,
+            "ppo": phase_ppo}
 
 
 def selftrain(s: dict, dataset: str, engine: str, tag: str) -> dict:
@@ -145,9 +168,15 @@ def main() -> None:
             if tag == "small" and engine != "python":
                 continue  # Table 5 is P-CoT only
             name = f"{dataset}_{engine}"
+            warmup = s.get("warmup", {}).get(dataset, warmup)
             write(HERE / tag / f"sft_{name}.yaml", sft(s, dataset, engine, warmup, tag),
                   f"SFT (and the ReFT warm-up at epoch {warmup}) on {name}")
             write(HERE / tag / f"reft_{name}.yaml", reft(s, dataset, engine, kl, tag), f"ReFT PPO on {name}")
+            if tag == "small":
+                write(HERE / tag / f"experiment_{name}_paper.yaml", experiment(s, dataset, engine, warmup, kl),
+                      f"`reft experiment small --dataset {dataset} --cot {engine} --budget paper`: the official "
+                      f"small-model recipe, SFT {sft(s, dataset, engine, warmup, tag)['epochs']} epochs, "
+                      f"ReFT from epoch {warmup}, {s['ppo']['epochs']} PPO epochs")
             if tag == "paper":
                 write(HERE / tag / f"selftrain_{name}.yaml", selftrain(s, dataset, engine, tag),
                       f"offline / online self-training baselines on {name}")

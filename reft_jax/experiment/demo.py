@@ -16,10 +16,9 @@ import statistics
 import time
 from typing import Any
 
-import jax
-
 from reft_jax import config as config_lib
 from reft_jax.data.sources import DataConfig
+from reft_jax.experiment.common import Policy, evaluate_checkpoints, seed_configs, validate_phases
 from reft_jax.model.config import ModelConfig
 from reft_jax.parallel import MeshConfig
 from reft_jax.train.run import EvalConfig, ModelSpec
@@ -86,52 +85,17 @@ class DemoConfig:
     ppo: PPOConfig = dataclasses.field(default_factory=_demo_ppo)
 
     def validate(self) -> None:
-        if not self.seeds:
-            raise config_lib.ConfigError("needs at least one seed", key="seeds", value=self.seeds)
-        if self.vote_k < 0:
-            raise config_lib.ConfigError("must be >= 0", key="vote_k", value=self.vote_k)
-        # Each phase was validated alone; the PPO phase runs on `sft.data`, so check that
-        # combination now instead of failing after the SFT phase has run.
-        try:
-            seed_configs(self, self.seeds[0])[1].validate()
-        except ValueError as err:
-            raise config_lib.ConfigError(f"{err} (the PPO phase runs on sft.data)", key="ppo") from None
-
-
-def seed_configs(cfg: DemoConfig, seed: int) -> tuple[SFTConfig, PPOConfig]:
-    root = pathlib.Path(cfg.run_dir) / f"seed{seed}"
-    sft = dataclasses.replace(cfg.sft, run_dir=str(root / "sft"), seed=seed, mesh=cfg.mesh)
-    model = dataclasses.replace(cfg.ppo.model, path=str(root / "sft"))
-    ppo = dataclasses.replace(cfg.ppo, run_dir=str(root / "ppo"), seed=seed, mesh=cfg.mesh, model=model,
-                              data=cfg.sft.data)
-    return sft, ppo
+        validate_phases(self)
 
 
 def evaluate_policies(cfg: DemoConfig, sft: SFTConfig, ppo: PPOConfig, seed: int) -> dict[str, dict]:
     """Top-1 (and voting@k) on the held-out split for SFT (best epoch, as the paper selects),
     the warm-up, and ReFT (best epoch)."""
-    from reft_jax.eval.evaluate import evaluate
-    from reft_jax.reward.sandbox import ProgramExecutor
-    from reft_jax.train.run import load_run_params
-    from reft_jax.parallel import build_mesh
-    from reft_jax.data.splits import load_examples
-
-    mesh = build_mesh(cfg.mesh)
-    test = load_examples(sft.data, seed).test
-    which = {"SFT": (sft.run_dir, "best", "sft"), "warm-up": (sft.run_dir, "warmup", "sft"),
-             "ReFT": (ppo.run_dir, "best", "rollout")}
-    out = {}
-    executor = ProgramExecutor() if sft.data.engine == "python" else None
-    try:
-        for name, (run_dir, selector, prefix) in which.items():
-            model_config, params, tokenizer, meta = load_run_params(run_dir, selector, mesh)
-            result = evaluate(params, model_config, tokenizer, test, sft.data, sft.eval,
-                              jax.random.key(seed), mesh, executor, vote_k=cfg.vote_k, prefix=prefix)
-            out[name] = {**result["metrics"], "epoch": meta.get("epoch")}
-    finally:
-        if executor is not None:
-            executor.close()
-    return out
+    which = {"SFT": Policy(sft.run_dir, "best", "sft", sft.eval),
+             "warm-up": Policy(sft.run_dir, "warmup", "sft", sft.eval),
+             "ReFT": Policy(ppo.run_dir, "best", "rollout", sft.eval)}
+    results = evaluate_checkpoints(cfg.mesh, sft.data, which, seed, cfg.vote_k)
+    return {name: {**r["metrics"], "epoch": r["meta"].get("epoch")} for name, r in results.items()}
 
 
 def format_table(per_seed: dict[int, dict[str, dict]], vote_k: int) -> str:
