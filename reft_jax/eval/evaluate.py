@@ -84,34 +84,44 @@ def vote_summary(samples: Sequence[Score], gold: str, kind: str) -> dict[str, An
             "pass": any(s.correct for s in samples)}
 
 
-def in_context_texts(tokenizer: Any, prompt_ids: Sequence[int], completions: Sequence[Any]) -> list[str]:
+def in_context_texts(tokenizer: Any, prompt_ids: Sequence[int], completions: Sequence[Any],
+                     clean_up_spaces: bool = False) -> list[str]:
     """Completion texts as they read after their prompt. ReFT decodes prompt + completion
     together; decoding a completion alone is lossy for SentencePiece tokenizers (Llama,
     CodeLlama), whose decoder drops the leading space of a text: a P-CoT body's first
-    indentation would lose a space and the program would not run."""
-    prompt = tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
-    fulls = tokenizer.batch_decode([list(prompt_ids) + list(map(int, c)) for c in completions],
-                                   skip_special_tokens=True)
+    indentation would lose a space and the program would not run. `clean_up_spaces` is
+    transformers' `clean_up_tokenization_spaces` as 4.x applied it (" ." -> ".", " ," -> ",",
+    " n't" -> "n't", ...; `generation.clean_up_spaces`): ReFT's evaluation decodes with it, its
+    rollouts and `sampling.py` without."""
+    from reft_jax.rollout.generation import clean_up_spaces as clean
+
+    def decode(seqs: list[list[int]]) -> list[str]:
+        texts = tokenizer.batch_decode(seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return [clean(t) for t in texts] if clean_up_spaces else texts
+
+    prompt = decode([list(prompt_ids)])[0]
+    fulls = decode([list(prompt_ids) + list(map(int, c)) for c in completions])
     alone = None
     out = []
     for i, full in enumerate(fulls):
         if full.startswith(prompt):
             out.append(full[len(prompt):])
         else:  # a tokenizer whose decode of the prefix changes in context: fall back
-            alone = alone or tokenizer.batch_decode([list(map(int, c)) for c in completions],
-                                                    skip_special_tokens=True)
+            alone = alone or decode([list(map(int, c)) for c in completions])
             out.append(alone[i])
     return out
 
 
 def generate_for_prefixes(params, model_config, tokenizer, prompts: list[str], sample_config, rng, batch_size: int,
-              mesh, show_progress: bool, max_prompt_len: int | None) -> list[list[str]]:
+              mesh, show_progress: bool, max_prompt_len: int | None, clean_up_spaces: bool = False
+              ) -> list[list[str]]:
     """Completion texts [prompt][sample], decoded in context (the seam tests replace)."""
     from reft_jax.rollout.generation import generate
 
     gen = generate(params, model_config, tokenizer, prompts, sample_config, rng, batch_size, mesh,
                    show_progress, max_prompt_len=max_prompt_len)
-    return [in_context_texts(tokenizer, ids, comps) for ids, comps in zip(gen.prompt_ids, gen.completion_ids)]
+    return [in_context_texts(tokenizer, ids, comps, clean_up_spaces)
+            for ids, comps in zip(gen.prompt_ids, gen.completion_ids)]
 
 
 def sample_configs(eval_cfg: Any, k: int) -> tuple[Any, Any]:
@@ -138,8 +148,12 @@ def eval_batch_size(requested: int, mesh: Any) -> int:
 
 def evaluate(params: Any, model_config: Any, tokenizer: Any, examples: Sequence[Any], data_cfg: Any,
              eval_cfg: Any, rng: Any, mesh: Any, executor: Any = None, vote_k: int = 0,
-             prefix: str = "sft", show_progress: bool = False) -> dict[str, Any]:
+             prefix: str = "sft", show_progress: bool = False, clean_up_spaces: bool = True) -> dict[str, Any]:
     """Greedy top-1 accuracy (and with `vote_k`, voting@k and pass@k from k samples per question).
+
+    Greedy completions are decoded with `clean_up_spaces` (transformers'
+    `clean_up_tokenization_spaces`; ReFT's evaluation: on), the voting samples without it, as
+    ReFT's `sampling.py` decodes them.
 
     `data_cfg` gives the dataset (numeric vs multiple choice), the engine and `max_prompt_len`;
     `eval_cfg` the batch size and length caps. Returns `{"metrics": {accuracy, mean_reward,
@@ -153,7 +167,7 @@ def evaluate(params: Any, model_config: Any, tokenizer: Any, examples: Sequence[
     greedy_rng, vote_rng = jax.random.split(rng)
     batch = eval_batch_size(eval_cfg.batch_size, mesh)
     generated = generate_for_prefixes(params, model_config, tokenizer, prefixes, greedy_cfg, greedy_rng, batch, mesh,
-                          show_progress, data_cfg.max_prompt_len)
+                          show_progress, data_cfg.max_prompt_len, clean_up_spaces)
     texts = [scored_text(p, g[0]) for p, g in zip(prefixes, generated)]
     scores = score_completions(texts, examples, data_cfg.dataset, data_cfg.engine, executor)
     records = [{"item_id": ex.item_id, "answer_value": ex.answer_value, "completion": text,

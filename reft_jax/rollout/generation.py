@@ -44,6 +44,20 @@ class Generation:
     seconds: float
 
 
+# transformers' `clean_up_tokenization` (4.x applied it to every tokenizer when a decode asked for
+# `clean_up_tokenization_spaces=True`, as ReFT's evaluation does; 5.x silently skips it for BPE
+# tokenizers, i.e. Llama, CodeLlama, SmolLM2 and ours, so the flag alone no longer reproduces it)
+CLEAN_UP_REPLACEMENTS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def clean_up_spaces(text: str) -> str:
+    """The text as transformers 4.x decoded it with `clean_up_tokenization_spaces=True`."""
+    for old, new in CLEAN_UP_REPLACEMENTS:
+        text = text.replace(old, new)
+    return text
+
+
 def with_tokenizer_ids(config: SampleConfig, tokenizer: Any) -> SampleConfig:
     """Fill EOS ids and the pad id from the tokenizer where the config leaves them unset (a
     tokenizer without a pad token pads with EOS; without EOS, rows stop only at the budget)."""
@@ -84,7 +98,8 @@ def bucket_width(longest: int, bucket: int) -> int:
 def generate(params: Any, model_config: ModelConfig, tokenizer: Any, prompts: Sequence[str | Sequence[int]],
              sample_config: SampleConfig, rng: jax.Array, batch_size: int = 8, mesh=None,
              progress: bool = True, max_prompt_len: int | None = None, prefix_bucket: int = 64,
-             add_bos: bool | None = None, keep_rollouts: bool = False) -> Generation:
+             add_bos: bool | None = None, keep_rollouts: bool = False,
+             clean_up: bool = False) -> Generation:
     """Sample `sample_config.n` completions per prompt (text, or token ids used as given); text
     and token-level outputs.
 
@@ -93,6 +108,9 @@ def generate(params: Any, model_config: ModelConfig, tokenizer: Any, prompts: Se
     `max_total_len` the budget follows each batch's longest prompt, and batches group prompts
     of similar length (ReFT's were random). An empty prompt gets an empty completion.
     `keep_rollouts` also returns the per-batch `Rollout`s (large for many samples).
+    `clean_up` applies transformers' `clean_up_tokenization_spaces` to the completion
+    texts (" ." -> ".", " ," -> ",", " n't" -> "n't", ...; `clean_up_spaces()`): off, as ReFT's
+    rollouts and `sampling.py` decode; ReFT's evaluation turns it on (`evaluate.in_context_texts`).
     """
     config = with_tokenizer_ids(sample_config, tokenizer)
     ids, truncated = encode_prompts(tokenizer, prompts, max_prompt_len, add_bos)
@@ -123,7 +141,10 @@ def generate(params: Any, model_config: ModelConfig, tokenizer: Any, prompts: Se
                 comp_ids[prompt].append(host.completion[row][keep])
                 logps[prompt].append(host.logprobs[row][keep])
         flat = [c for prompt in idx for c in comp_ids[prompt]]
-        decoded = tokenizer.batch_decode([c.tolist() for c in flat], skip_special_tokens=True)
+        decoded = tokenizer.batch_decode([c.tolist() for c in flat], skip_special_tokens=True,
+                                         clean_up_tokenization_spaces=False)
+        if clean_up:
+            decoded = [clean_up_spaces(t) for t in decoded]
         for j, prompt in enumerate(idx):
             texts[prompt] = decoded[j * n:(j + 1) * n]
         total_tokens += int(host.lengths.sum())

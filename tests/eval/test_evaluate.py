@@ -72,9 +72,9 @@ def test_evaluate_aggregates_greedy_votes_and_pass(monkeypatch):
     calls = []
 
     def fake_generate(params, model_config, tokenizer, prompts, sample_config, rng, batch_size, mesh, show,
-                      max_prompt_len):
+                      max_prompt_len, clean_up_spaces=False):
         kind = "greedy" if sample_config.greedy else "vote"
-        calls.append((kind, sample_config))
+        calls.append((kind, sample_config, clean_up_spaces))
         out = []
         for prompt in prompts:
             picks = [answers[kind][prompt.split("\n")[1]]] if kind == "greedy" else answers[kind][prompt.split("\n")[1]]
@@ -90,6 +90,8 @@ def test_evaluate_aggregates_greedy_votes_and_pass(monkeypatch):
     greedy_cfg, vote_cfg = calls[0][1], calls[1][1]
     assert greedy_cfg.greedy and not vote_cfg.greedy and vote_cfg.top_k == 50 and vote_cfg.temperature == 1.0
     assert vote_cfg.n == 3
+    # ReFT's evaluation decodes top-1 with clean_up_tokenization_spaces, sampling.py without
+    assert calls[0][2] is True and calls[1][2] is False
     first = result["predictions"][0]
     assert (first["item_id"], first["prediction"], first["correct"], first["vote"]) == ("synthetic_0", 5.0, True, 5.0)
     json.dumps(result["predictions"])  # JSON-able as it is
@@ -115,3 +117,17 @@ def test_completions_are_decoded_in_context_keeping_the_first_indent():
     body = np.array([4, 5, 6, 7, 1], np.int32)
     assert tokenizer.decode(body, skip_special_tokens=True) != "    x = 1"  # the loss being avoided
     assert ev.in_context_texts(tokenizer, [2, 3], [body, body[:2]]) == ["    x = 1", "    x"]
+
+
+def test_in_context_texts_clean_up_spaces_as_transformers_4():
+    """ReFT's evaluation decodes with clean_up_tokenization_spaces=True (transformers 4.x applied it
+    to every tokenizer; 5.x skips it for BPE ones, so we apply it ourselves)."""
+    from reft_jax.data.tokenizer import train_tokenizer
+    from reft_jax.rollout.generation import clean_up_spaces
+
+    assert clean_up_spaces("It is 5 . Tom ' s , isn 't? He 's a b ! c ?") == "It is 5. Tom's, isn 't? He's a b! c?"
+    tok = train_tokenizer(["Question:\nHow many ?\nAnswer reasoning:\n", "5 + 2 = 7 .", "the answer is: 7 ."], 300)
+    prompt = tok("Question:\nHow many ?\nAnswer reasoning:\n", add_special_tokens=False)["input_ids"]
+    completion = tok("5 + 2 = 7 , so 7 .", add_special_tokens=False)["input_ids"]
+    assert ev.in_context_texts(tok, prompt, [completion]) == ["5 + 2 = 7 , so 7 ."]
+    assert ev.in_context_texts(tok, prompt, [completion], clean_up_spaces=True) == ["5 + 2 = 7, so 7."]
