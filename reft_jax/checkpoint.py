@@ -12,12 +12,16 @@ Multi-host: every process must call `save`, `restore` and `wait` (Orbax synchron
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import pathlib
+import sys
+import tempfile
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import jax
@@ -221,6 +225,21 @@ class Checkpointer:
             return self._restore_first([int(step)], abstract_state, what=f"step {step}")
         return self._restore_first(steps, abstract_state, what="latest", move_aside=True)
 
+    def restore_selected(self, abstract_state: Any, selector: str) -> tuple[Any, dict]:
+        """(state, meta) of the checkpoint `selector` names: latest | warmup | best | epoch:K |
+        <step>, for readers (`reft eval`, `reft sample`, a PPO start from a warm-up).
+
+        latest / warmup: the newest usable step; damaged newer steps are skipped with a warning,
+        as resuming does, but left in place (a reader never moves a run's files). The others name
+        one step and raise CheckpointError if it is damaged; FileNotFoundError if it is absent."""
+        if selector not in ("latest", "warmup"):
+            return self.restore(abstract_state, step=checkpoint_step(self, selector))
+        steps = self._refresh()[::-1]
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints in {self.directory}")
+        state, meta = self._restore_first(steps, abstract_state, what=selector)
+        return state, meta
+
     def read_meta(self, step: int) -> dict:
         """The JSON meta of one step without reading its arrays (e.g. to find an epoch's step)."""
         return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -238,6 +257,8 @@ class Checkpointer:
             try:
                 result = self._restore_step(step, abstract_state)
             except _Unusable as reason:
+                if what.startswith("step "):  # asked for this one step: no older one to try
+                    raise CheckpointError(f"checkpoint {what} in {self.directory} is unusable: {reason}") from None
                 damaged.append(step)
                 warnings.warn(
                     f"\n!!! checkpoint step {step} in {self.directory} is unusable: {reason}\n"
@@ -245,6 +266,9 @@ class Checkpointer:
                 continue
             if move_aside and damaged:  # proven damaged: an older step restores fine
                 self._move_aside(damaged)
+            elif damaged:
+                warnings.warn(f"!!! using step {step}, the newest usable checkpoint in {self.directory}",
+                              CheckpointWarning, 3)
             return result
         raise CheckpointError(
             f"no usable checkpoint ({what}) in {self.directory}: step(s) {damaged} are damaged "
@@ -313,4 +337,54 @@ def checkpoint_step(ckpt: "Checkpointer", selector: str) -> int:
 def _brief(err: Exception, limit: int = 400) -> str:
     """First line of an error, without tensorstore's long JSON spec dump."""
     lines = str(err).strip().splitlines()
-    return (lines[0] if lines else "").split(" [tensorstore_spec")[0][:limit]
+    first = lines[0] if lines else ""
+    for dump in (" [tensorstore_spec", " See full TensorStore details"):
+        first = first.split(dump)[0]
+    if ": Error " in first:  # TensorStore's chain of drivers: the innermost reason says what is wrong
+        head, _, last = first.rpartition(": Error ")
+        first = f"{head.split(':', 1)[0]}: Error {last}"
+    return first[:limit]
+
+
+@contextlib.contextmanager
+def plain_warnings(command: str) -> Iterator[None]:
+    """Inside, a CheckpointWarning prints as its own lines (`reft eval: warning: ...`) instead of
+    Python's `file:line: CheckpointWarning:` form with a source line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CheckpointWarning):
+            text = "; ".join(part.strip("! ") for part in str(message).strip().splitlines())
+            print(f"reft {command}: warning: {text}", file=sys.stderr, flush=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        previous = warnings.showwarning
+        warnings.showwarning = show
+        yield
+
+
+def check_run_dir(path: str | os.PathLike) -> None:
+    """ConfigError naming `run_dir` unless `path` is (or can be made) a directory this process
+    can write: not a regular file, not under one, not on a read-only or virtual file system.
+    Creates the directory (a run is about to write there); writes and removes one probe file."""
+    from reft_jax.config import ConfigError
+
+    text = os.fspath(path)
+    p = pathlib.Path(text)
+    if p.exists() and not p.is_dir():
+        raise ConfigError("is a file, not a directory; choose another run_dir", key="run_dir", value=text)
+    blocker = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"cannot be created: {blocker} is a file", key="run_dir", value=text)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        base = next((a for a in p.parents if a.is_dir()), None)
+        raise ConfigError(f"cannot be created in {base}: {err.strerror or err}", key="run_dir",
+                          value=text) from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=p, prefix=".reft-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"is not writable: {err.strerror or err}", key="run_dir", value=text) from None

@@ -21,6 +21,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from reft_jax.ranges import field_range
+
 T = TypeVar("T")
 _NoneType = type(None)
 
@@ -124,14 +126,39 @@ def load_config(cls: type[T], yaml_path: str | pathlib.Path | None = None,
     return from_dict(cls, apply_overrides(data, overrides))
 
 
-def from_dict(cls: type[T], data: Any) -> T:
-    """Build dataclass `cls` from plain data, checking every value against the type hints.
-    Raises one ConfigError listing every problem found, each with its dotted key."""
+def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
+    """Build dataclass `cls` from plain data, checking every value against the type hints and
+    `RANGES`. Raises one ConfigError listing every problem found, each with its dotted key
+    (under `prefix`, for a section built on its own); one problem is one line."""
     problems: list[str] = []
-    result = _build(cls, data, "", problems)
+    result = _build(cls, data, prefix, problems)
+    if len(problems) == 1:
+        raise ConfigError(f"invalid config: {problems[0]}")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return result
+
+
+# --- numeric ranges (the table: reft_jax/ranges.py) ------------------------------------------
+
+
+def range_problem(cls: type, name: str, value: Any) -> str | None:
+    """Why `value` is out of range for `cls.name` ("must be > 0"), or None when it is fine."""
+    allowed = field_range(cls, name)
+    if value is None or allowed is None or allowed.allows(value):
+        return None
+    return f"must be {allowed}"
+
+
+def check_ranges(obj: Any, prefix: str = "") -> None:
+    """ConfigError naming the first field of dataclass `obj` (and its nested sections) that is
+    out of its RANGES entry; for configs built in code rather than by `load_config`."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_ranges(value, _join(prefix, f.name))
+        elif (problem := range_problem(type(obj), f.name, value)) is not None:
+            raise ConfigError(problem, key=_join(prefix, f.name), value=value)
 
 
 class _Bad(Exception):
@@ -178,6 +205,9 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
             kwargs[key] = _coerce(value, hints[key], dotted, problems)
         except _Bad as bad:
             problems.append(f"{dotted}={value!r}: {bad}")
+            continue
+        if (problem := range_problem(cls, key, kwargs[key])) is not None:
+            problems.append(f"{dotted}={value!r}: {problem}")
     for name, f in fields.items():
         no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if name in data or not no_default:

@@ -215,11 +215,54 @@ def test_explicit_damaged_step_raises(tmp_path):
     ckpt_dir = tmp_path / "ck"
     save_steps(Checkpointer(ckpt_dir), [1, 2])
     damage_meta(step_dir(ckpt_dir, 2))
-    with pytest.warns(CheckpointWarning), pytest.raises(CheckpointError, match="step 2"):
+    with pytest.raises(CheckpointError, match=r"^checkpoint step 2 in .* is unusable: meta unreadable"):
         Checkpointer(ckpt_dir).restore(abstract_like(make_state()), step=2)
     assert restored_step(Checkpointer(ckpt_dir).restore(abstract_like(make_state()), step=1)) == 1
     with pytest.raises(CheckpointError, match="no checkpoint step 9"):
         Checkpointer(ckpt_dir).restore(abstract_like(make_state()), step=9)
+
+
+def zero_arrays(path: pathlib.Path):
+    """Every array data file of a step overwritten with zeros (same size)."""
+    for f in (f for f in path.rglob("*") if f.is_file() and f.parent.name == "d"):
+        f.write_bytes(bytes(f.stat().st_size))
+
+
+@pytest.mark.parametrize("damage", [truncate_arrays, zero_arrays, damage_meta])
+def test_reader_latest_falls_back_and_leaves_the_run_alone(tmp_path, damage):
+    """restore_selected (reft eval, reft sample): latest = the newest usable step, with a
+    warning; nothing in the run directory moves; an explicit damaged step is an error."""
+    ckpt_dir = tmp_path / "ck"
+    save_steps(Checkpointer(ckpt_dir), [1, 2, 3])
+    damage(step_dir(ckpt_dir, 3))
+    before = sorted(str(p.relative_to(ckpt_dir)) for p in ckpt_dir.rglob("*"))
+    with pytest.warns(CheckpointWarning, match="using step 2, the newest usable"):
+        assert restored_step(Checkpointer(ckpt_dir).restore_selected(abstract_like(make_state()), "latest")) == 2
+    assert sorted(str(p.relative_to(ckpt_dir)) for p in ckpt_dir.rglob("*")) == before
+    assert restored_step(Checkpointer(ckpt_dir).restore_selected(abstract_like(make_state()), "1")) == 1
+    with pytest.raises(CheckpointError, match=r"^checkpoint step 3 in .* is unusable: "):
+        Checkpointer(ckpt_dir).restore_selected(abstract_like(make_state()), "3")
+
+
+def test_check_run_dir(tmp_path):
+    from reft_jax.checkpoint import check_run_dir
+    from reft_jax.config import ConfigError
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = {
+        str(afile): f"run_dir='{afile}': is a file, not a directory; choose another run_dir",
+        str(afile / "run"): f"run_dir='{afile / 'run'}': cannot be created: {afile} is a file",
+        "/proc/reft-run": "run_dir='/proc/reft-run': cannot be created in /proc: No such file or directory",
+        "/proc/self": "run_dir='/proc/self': is not writable: No such file or directory",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ConfigError) as info:
+            check_run_dir(path)
+        assert str(info.value) == message
+    assert afile.read_text() == "x"
+    check_run_dir(tmp_path / "new" / "run")  # created, writable, left empty
+    assert list((tmp_path / "new" / "run").iterdir()) == []
 
 
 # --- sharding ---------------------------------------------------------------------------------

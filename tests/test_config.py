@@ -236,3 +236,136 @@ def test_partial_section_keeps_parent_default_for_that_section():
     cfg = load_config(_Outer, overrides=["inner.b=3"])
     assert (cfg.inner.a, cfg.inner.b) == (10, 3)
     assert load_config(_Outer).inner == _Inner(10, 20)
+
+
+# --- the range table (reft_jax/ranges.py) on the real configs ------------------------------------
+
+REPO_CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "configs"
+
+
+def _trainer_configs():
+    from reft_jax.experiment.demo import DemoConfig
+    from reft_jax.experiment.small import ExperimentConfig
+    from reft_jax.rollout.sampler import SampleConfig
+    from reft_jax.train.ppo import PPOConfig
+    from reft_jax.train.selftrain import SelfTrainConfig
+    from reft_jax.train.sft import SFTConfig
+    from reft_jax.train.verifier import VerifierConfig
+
+    return {"sft": SFTConfig, "ppo": PPOConfig, "selftrain": SelfTrainConfig, "verifier": VerifierConfig,
+            "demo": DemoConfig, "experiment": ExperimentConfig, "sample": SampleConfig}
+
+
+RANGE_CASES = [
+    ("sft", "optim.lr=-1", "optim.lr=-1: must be > 0"),  # trained by gradient ascent before
+    ("sft", "optim.lr=0", "optim.lr=0: must be > 0"),
+    ("sft", "data.val_fraction=1.5", "data.val_fraction=1.5: must be in [0, 1)"),
+    ("sft", "optim.warmup_ratio=-0.1", "optim.warmup_ratio=-0.1: must be in [0, 1]"),
+    ("sft", "optim.clip_norm=0", "optim.clip_norm=0: must be > 0"),
+    ("sft", "optim.b2=1", "optim.b2=1: must be in [0, 1)"),
+    ("sft", "optim.grad_accum=0", "optim.grad_accum=0: must be >= 1 or 'auto'"),
+    ("sft", "batch_size=0", "batch_size=0: must be >= 1"),
+    ("sft", "data.max_len=0", "data.max_len=0: must be >= 1"),
+    ("sft", "mesh.fsdp=0", "mesh.fsdp=0: must be >= 1 or -1"),
+    ("sft", "guard.window=-1", "guard.window=-1: must be >= 0"),
+    ("sft", "eval.vote_temperature=0", "eval.vote_temperature=0: must be > 0"),
+    ("sft", "model.scratch.max_position_embeddings=0", "model.scratch.max_position_embeddings=0: must be >= 1"),
+    ("ppo", "temperature=0", "temperature=0: must be > 0"),
+    ("ppo", "top_p=0", "top_p=0: must be in (0, 1]"),
+    ("ppo", "top_p=1.5", "top_p=1.5: must be in (0, 1]"),
+    ("ppo", "kl_coef=-0.01", "kl_coef=-0.01: must be >= 0"),
+    ("ppo", "lam=1.1", "lam=1.1: must be in [0, 1]"),
+    ("ppo", "score_microbatches=0", "score_microbatches=0: must be >= 1 or 'auto'"),
+    ("ppo", "sandbox.timeout=0", "sandbox.timeout=0: must be > 0"),
+    ("ppo", "reward.partial=-1", "reward.partial=-1: must be >= 0"),
+    ("ppo", "value_clip=null", None),  # None: no value clipping
+    ("ppo", "optim.clip_norm=null", None),
+    ("selftrain", "online.optim.lr=-1e-5", "online.optim.lr=-1e-05: must be > 0"),
+    ("selftrain", "offline.temperature=0", "offline.temperature=0: must be > 0"),
+    ("verifier", "max_len=0", "max_len=0: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("kind, override, message", RANGE_CASES, ids=[c[1] for c in RANGE_CASES])
+def test_ranges_on_the_real_configs(kind, override, message):
+    cls = _trainer_configs()[kind]
+    path = REPO_CONFIGS / f"{kind}_synthetic_tiny.yaml"
+    if message is None:
+        load_config(cls, path, [override])
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config(cls, path, [override])
+    assert str(info.value) == f"invalid config: {message}"
+
+
+def _numeric(tp) -> bool:
+    import typing
+
+    args = typing.get_args(tp) or (tp,)
+    return any(a in (int, float) for a in args)
+
+
+def _reachable(cls, seen):
+    import typing
+
+    if cls in seen:
+        return
+    seen.add(cls)
+    for tp in typing.get_type_hints(cls).values():
+        for arm in typing.get_args(tp) or (tp,):
+            if dataclasses.is_dataclass(arm):
+                _reachable(arm, seen)
+
+
+def test_every_numeric_setting_has_a_range():
+    """A new int / float field without a RANGES entry fails here (seeds included: >= 0)."""
+    import typing
+
+    from reft_jax.ranges import field_range
+
+    classes: set = set()
+    for cls in _trainer_configs().values():
+        _reachable(cls, classes)
+    missing = [f"{cls.__name__}.{name}" for cls in classes for name, tp in typing.get_type_hints(cls).items()
+               if _numeric(tp) and typing.get_origin(tp) not in (list, tuple) and name not in ("eos_ids",)
+               and field_range(cls, name) is None]
+    assert not missing, f"numeric settings without a RANGES entry: {sorted(missing)}"
+
+
+def test_every_range_names_a_real_field():
+    import typing
+
+    from reft_jax.ranges import RANGES
+
+    classes: set = set()
+    for cls in _trainer_configs().values():
+        _reachable(cls, classes)
+    from reft_jax.distributed import DistributedConfig
+    from reft_jax.data.synthetic import SyntheticConfig
+
+    classes |= {DistributedConfig, SyntheticConfig}
+    fields = {f"{k.__name__}.{name}" for cls in classes for k in cls.__mro__ if dataclasses.is_dataclass(k)
+              for name in typing.get_type_hints(k)}
+    assert not sorted(set(RANGES) - fields)
+
+
+def test_defaults_are_within_their_ranges():
+    from reft_jax.config import check_ranges
+
+    for cls in _trainer_configs().values():
+        check_ranges(cls())
+
+
+def test_check_ranges_on_a_config_built_in_code():
+    from reft_jax.config import check_ranges
+    from reft_jax.train.state import OptimConfig
+
+    with pytest.raises(ConfigError, match=r"^optim.lr=-1.0: must be > 0$"):
+        check_ranges(OptimConfig(lr=-1.0), "optim")
+
+
+def test_synthetic_knobs_name_their_key():
+    from reft_jax.data.sources import DataConfig, load_config_dataset
+
+    with pytest.raises(ConfigError, match=r"^invalid config: data.synthetic.num_train=0: must be >= 1$"):
+        load_config_dataset(DataConfig(synthetic={"num_train": 0}), "train")

@@ -46,15 +46,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from reft_jax import config as config_lib
+    from reft_jax.checkpoint import CheckpointError, plain_warnings
     from reft_jax.data.sources import DataError
     from reft_jax.model.io import ModelLoadError
 
     try:
-        return _evaluate(args)
-    except (config_lib.ConfigError, DataError, ModelLoadError, FileNotFoundError, ValueError) as err:
+        with plain_warnings("eval"):  # a damaged checkpoint skipped: one warning line each
+            return _evaluate(args)
+    except (config_lib.ConfigError, DataError, ModelLoadError, FileNotFoundError, ValueError,
+            CheckpointError) as err:
         # (train.verifier.VerifierError is a ValueError: a mismatched verifier lands here too)
         print(f"reft eval: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("reft eval: interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 def _examples(args: argparse.Namespace) -> tuple[str, list]:
@@ -86,7 +92,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from reft_jax import distributed
     from reft_jax.eval import evaluate as ev
     from reft_jax.parallel import MeshConfig
-    from reft_jax.train.run import DataConfig, EvalConfig, ModelSpec, build_policy
+    from reft_jax.train.run import DataConfig, EvalConfig, ModelSpec, build_policy, is_run_dir, load_run_params
     from reft_jax.parallel import build_mesh
 
     strategy = args.strategy or ("vote" if args.vote else "greedy")
@@ -106,7 +112,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     mesh = build_mesh(MeshConfig(*(int(x) for x in args.mesh.split(","))))
     spec = ModelSpec(path=args.checkpoint, step=args.step)
     spec.validate()
-    model_config, params, tokenizer = build_policy(spec, mesh, seed=args.seed)
+    meta = None
+    if is_run_dir(args.checkpoint):  # its meta names the step restored (latest falls back past damage)
+        model_config, params, tokenizer, meta = load_run_params(args.checkpoint, args.step, mesh,
+                                                                **spec.overrides())
+    else:
+        model_config, params, tokenizer = build_policy(spec, mesh, seed=args.seed)
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer")
     print(f"evaluating {args.checkpoint} ({args.step}) on {len(rows)} {name} questions, {args.engine}, "
@@ -135,19 +146,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.out and jax.process_index() == 0:
         print(f"predictions -> {ev.write_predictions(args.out, result['predictions'])}")
     print(json.dumps(result["metrics"], indent=2))
-    _record(args, strategy, k, result["metrics"])
+    if meta is not None:
+        _record(args, strategy, k, result["metrics"], meta)
     return 0
 
 
-def _record(args: argparse.Namespace, strategy: str, k: int, metrics: dict) -> None:
-    """A reft run directory keeps the result for `reft report` (full test split only)."""
+def _record(args: argparse.Namespace, strategy: str, k: int, metrics: dict, meta: dict) -> None:
+    """A reft run directory keeps the result for `reft report` (full test split only), with the
+    epoch and step of the checkpoint evaluated (`meta`: the one restored)."""
     import jax
 
-    from reft_jax.eval.report import checkpoint_epoch, write_eval_summary
-    from reft_jax.train.run import is_run_dir
+    from reft_jax.eval.report import write_eval_summary
 
-    if args.max_examples is None and is_run_dir(args.checkpoint) and jax.process_index() == 0:
-        epoch, step = checkpoint_epoch(args.checkpoint, args.step)
-        path = write_eval_summary(args.checkpoint, strategy, k, args.step, metrics, epoch, step,
+    if args.max_examples is None and jax.process_index() == 0:
+        path = write_eval_summary(args.checkpoint, strategy, k, args.step, metrics,
+                                  meta.get("epoch_end", meta.get("epoch")), meta.get("step"),
                                   verifier=args.verifier, prefix=args.prefix)
         print(f"summary -> {path}")

@@ -88,9 +88,10 @@ def tokenize(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def encode_sft(tokenizer: Any, example: "Example", engine: str, max_len: int,
+def encode_sft(tokenizer: Any, example: "Example", engine: str, max_len: int | None,
                add_bos: bool | None = None) -> "Encoded":
-    """[BOS?] + tok(prompt) + tok(target) + [EOS], truncated to `max_len` keeping the head.
+    """[BOS?] + tok(prompt) + tok(target) + [EOS], truncated to `max_len` keeping the head
+    (None: whole, for `data.lengths.fit_examples` to apply `data.overlong`).
     `n_prompt` counts the masked (prompt) positions."""
     from reft_jax.data.batches import Encoded
     import numpy as np

@@ -21,7 +21,7 @@ import pathlib
 import shutil
 import tempfile
 import urllib.request
-from typing import Any
+from typing import Any, Literal
 
 from reft_jax.data.formats import (ENGINES, HEADER_NEWLINE, MCQ, DataError, Example,  # noqa: F401
                                    answer_kind, gsm8k_solution, normalize_mcq)
@@ -77,6 +77,9 @@ class DataConfig:
     # keeps it a token apart, as ReFT's newer branch; CodeLlama: yes, GPT-2-style BPEs: no) |
     # always (ReFT main) | never. See prompts.header_newline.
     header_newline: str = "auto"
+    # Training examples over max_len (SFT) / prompts over max_prompt_len (rollouts): reported, then
+    # drop (never train on a cut answer) | truncate (keep the head, as ReFT) | error; data/lengths.py
+    overlong: Literal["drop", "truncate", "error"] = "drop"
     synthetic: dict = dataclasses.field(default_factory=dict)  # generator knobs (SyntheticConfig)
 
     def __post_init__(self) -> None:
@@ -95,6 +98,8 @@ class DataConfig:
             raise ValueError(f"header_newline must be one of {HEADER_NEWLINE}, got {self.header_newline!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.overlong not in ("drop", "truncate", "error"):
+            raise ValueError(f"overlong must be drop, truncate or error, got {self.overlong!r}")
 
 
 # --- the data directory ---------------------------------------------------------------------------
@@ -217,11 +222,18 @@ def load_reft_json(path: str | os.PathLike, kind: str | None = None,
     `require_cot` defaults to whether the first row has an answer_cot (train vs test file)."""
     path = pathlib.Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}", path) from None
+        if _is_jsonl(text):
+            raise DataError("this is JSON Lines (one object per line); expected one JSON list of objects "
+                            "(ReFT's format: [{...}, {...}])", path) from None
+        raise DataError(f"malformed JSON: {_json_error(err)} at line {err.lineno} column {err.colno}",
+                        path) from None
     except OSError as err:
         raise DataError(f"cannot read: {err.strerror}", path) from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"not UTF-8 text (byte {err.start})", path) from None
     if not isinstance(data, list):
         raise DataError(f"expected a JSON list of objects, got {type(data).__name__}", path)
     if not data:
@@ -252,12 +264,29 @@ def load_reft_json(path: str | os.PathLike, kind: str | None = None,
     return rows
 
 
+def _json_error(err: json.JSONDecodeError) -> str:
+    """The decoder's reason without its dangling "at" ("Unterminated string starting at")."""
+    return err.msg.removesuffix(" at")
+
+
+def _is_jsonl(text: str) -> bool:
+    """Whether `text` is JSON Lines: at least two lines, the non-empty ones each a JSON object."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return False
+    try:
+        return all(isinstance(json.loads(line), dict) for line in lines[:2])
+    except json.JSONDecodeError:
+        return False
+
+
 def read_jsonl_object(line: str, path, lineno: int) -> dict:
     """One jsonl line as an object, or a DataError naming file and line."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
-        raise DataError(f"malformed JSON: {err.msg} at column {err.colno}", path, f"line {lineno}") from None
+        raise DataError(f"malformed JSON: {_json_error(err)} at column {err.colno}", path,
+                        f"line {lineno}") from None
     if not isinstance(row, dict):
         raise DataError(f"expected an object, got {type(row).__name__}", path, f"line {lineno}")
     return row
@@ -332,11 +361,18 @@ def load_dataset(name: str, split: str, engine: str, data_dir: str | os.PathLike
     return rows
 
 
-def _tuples(x: Any) -> Any:
-    """YAML lists -> tuples (the synthetic generator's config is frozen and hashes its pairs)."""
-    if isinstance(x, (list, tuple)):
-        return tuple(_tuples(v) for v in x)
-    return x
+def split_source(cfg: DataConfig, split: str) -> str:
+    """Where a split's rows come from, for messages: the file's path, or the generator / TFDS."""
+    explicit = cfg.train_file if split == "train" else cfg.test_file
+    if explicit:
+        return str(explicit)
+    if cfg.dataset == "synthetic":
+        return f"the synthetic {split} split"
+    if cfg.source == "tfds":
+        return f"TFDS gsm8k ({split})"
+    relative = dataset_file(cfg.dataset, split, cfg.engine, cfg.data_dir)
+    found = data_dir(cfg.data_dir) / relative
+    return str(found if found.is_file() else relative)
 
 
 def load_config_dataset(cfg: DataConfig, split: str) -> list[Example]:
@@ -352,11 +388,8 @@ def load_config_dataset(cfg: DataConfig, split: str) -> list[Example]:
         from reft_jax import config as config_lib
         from reft_jax.data.synthetic import SyntheticConfig, generate
 
-        try:
-            synthetic = SyntheticConfig(**{k: _tuples(v) for k, v in cfg.synthetic.items()})
-            synthetic.validate()
-        except (TypeError, ValueError) as err:  # an unknown knob or a bad range: name the section
-            raise config_lib.ConfigError(str(err), key="data.synthetic") from None
+        # an unknown knob or a bad range: the error names data.synthetic.<knob>
+        synthetic = config_lib.from_dict(SyntheticConfig, cfg.synthetic, prefix="data.synthetic")
         return generate(synthetic, split, cfg.engine)
     if cfg.source == "tfds":
         from reft_jax.data.tfds_source import load_tfds_gsm8k

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Sequence
 
+from reft_jax.data.formats import ANSWER_TRIGGER
 from reft_jax.reward.answers import (MCQ, TOLERANCE, Prediction, check_kind, extract_nl,
                                      is_correct, is_mcq_letter, parse_gold, program_prediction)
 
@@ -71,8 +72,8 @@ def score_completions(completions: Sequence[str], golds: Sequence[str | float], 
         outcomes = []
         for c in completions:
             pred = extract_nl(c, kind)
-            outcomes.append((pred, "ok", "") if pred is not None
-                            else (None, "error", "no number after the answer trigger"))
+            why = "no number after the answer trigger" if ANSWER_TRIGGER in c else "no answer trigger"
+            outcomes.append((pred, "ok", "") if pred is not None else (None, "error", why))
     else:
         raise ValueError(f"engine must be 'nl' or 'python', got {engine!r}")
     return [Scored(pred, status, reward(pred, g, kind, cfg), is_correct(pred, g, kind, cfg.tolerance), detail)

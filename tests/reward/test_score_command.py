@@ -62,3 +62,15 @@ def test_bad_input_names_file_line_and_field(tmp_path, capsys, line, message):
     assert main(["score", str(preds), "--dataset", "gsm8k", "--engine", "nl"]) == 2
     err = capsys.readouterr().err
     assert str(preds) in err and message in err, err
+
+
+def test_nl_detail_says_whether_the_trigger_is_missing(tmp_path, capsys):
+    preds = _write_jsonl(tmp_path / "p.jsonl", [
+        {"completion": "I think it is many.", "answer_value": "3"},
+        {"completion": f"so{ANSWER_TRIGGER}many", "answer_value": "3"},
+        {"completion": f"so{ANSWER_TRIGGER}3", "answer_value": "3"},
+    ])
+    out = tmp_path / "o.jsonl"
+    assert main(["score", str(preds), "--dataset", "svamp", "--engine", "nl", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["detail"] for r in rows] == ["no answer trigger", "no number after the answer trigger", ""]
