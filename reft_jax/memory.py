@@ -37,6 +37,10 @@ f32 figure (CPU memory is not checked by default, see `device_memory_bytes`). GP
 keeps fewer intermediates than XLA CPU, so on accelerators the estimate errs high. Sharding is
 exact for params and optimizer state (the rules table in `parallel.py`) and modelled for
 activations: tokens split over ('data', 'fsdp'), heads / MLP / vocab over 'tensor' where it divides.
+
+Why this module is long: the per-phase item models, the fitted coefficients, the refusal
+message (found by re-planning) and the `auto` resolution share one cost model; split apart, each
+piece would need the others' internals.
 """
 from __future__ import annotations
 
@@ -61,7 +65,7 @@ HEADROOM = 0.9  # share of the device a plan may use: XLA's own buffers, fragmen
 # The config keys that check()'s suggestions and resolve_auto()'s errors name.
 SETTING_KEYS = {"grad_accum": "optim.grad_accum", "remat": "model.remat",
                 "score_microbatches": "score_microbatches", "ref_dtype": "ref_dtype",
-                "logprob_chunk": "logprob_chunk", "rollout_rows": "batch_questions"}
+                "logprob_chunk": "model.logprob_chunk", "rollout_rows": "batch_questions"}
 
 # Bytes XLA keeps per token, in units of the compute dtype unless noted (fitted on XLA CPU, f32):
 _PER_D = 5.75  # per hidden unit and layer: residual stream, norms, projections' inputs / outputs

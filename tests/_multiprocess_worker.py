@@ -41,7 +41,8 @@ MESH = parallel.MeshConfig(data=2, fsdp=2, tensor=2)
 OPTIM = OptimConfig(lr=1e-3, schedule="constant")
 BATCH, LEN, PROMPT = 8, 16, 5
 SFT_STEPS = PPO_STEPS = 3
-PPO = ppo_step.PPOStepConfig(eos_ids=(2,), kl_coef=0.05)
+PPO = ppo_step.PPOAlgoConfig(kl_coef=0.05)
+EOS_IDS = (2,)
 
 
 # --- deterministic global batches (every process builds the same, then keeps its rows) -----
@@ -74,8 +75,8 @@ def local_rows(batch: dict[str, np.ndarray], mesh) -> dict[str, np.ndarray]:
 
 def prepare(params, ref_params, rollout: dict) -> dict:
     """Score pass (policy and reference log-probs, values) and GAE with global whitening."""
-    scored = ppo_step.score_pass(params, ref_params, rollout, CFG, PPO)
-    return ppo_step.assemble(scored, rollout, rollout["scores"], PPO)[0]
+    scored = ppo_step.score_pass(params, ref_params, rollout, CFG, PPO, eos_ids=EOS_IDS)
+    return ppo_step.assemble(scored, rollout, rollout["scores"], PPO, eos_ids=EOS_IDS)[0]
 
 
 def host_params_init(config: ModelConfig, seed: int = 0) -> dict:

@@ -5,6 +5,9 @@ import pathlib
 # Must happen before jax is imported anywhere in the test process.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Trainers turn JAX's persistent compilation cache on by default; tests keep it off (or use the
+# `persistent_compile_cache` fixture's own directory) so nothing lands in the user's cache.
+os.environ.setdefault("REFT_COMPILE_CACHE", "")
 _REPO = pathlib.Path(__file__).resolve().parent.parent
 os.environ.setdefault("REFT_DATA_DIR", str((_REPO.parent / "shared" / "data").resolve()))
 

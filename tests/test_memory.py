@@ -69,13 +69,13 @@ def measured_sft_peak(cfg: ModelConfig, batch: int, seq_len: int, mesh, optim: O
 
 def measured_score_peak(cfg: ModelConfig, rows: int, seq_len: int, mesh, micro: int) -> int:
     """XLA's peak of the PPO score pass (policy + f32 reference params, the rollout in, scores out)."""
-    step_cfg = ppo_step.PPOStepConfig(eos_ids=(2,), score_microbatches=micro)
+    step_cfg = ppo_step.PPOAlgoConfig(score_microbatches=micro)
     params = common.state_abstract(cfg, OPTIM, 100, mesh).params
     sh, sh1 = parallel.batch_sharding(mesh, 2), parallel.batch_sharding(mesh, 1)
     rollout = {"tokens": jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=sh),
                "attention_mask": jax.ShapeDtypeStruct((rows, seq_len), bool, sharding=sh),
                "prompt_len": jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=sh1)}
-    fn = jax.jit(parallel.on_mesh_context(lambda p, r, x: ppo_step.score_pass(p, r, x, cfg, step_cfg), mesh))
+    fn = jax.jit(parallel.on_mesh_context(lambda p, r, x: ppo_step.score_pass(p, r, x, cfg, step_cfg, eos_ids=(2,)), mesh))
     return memory.compiled_peak_bytes(fn.lower(params, params, rollout).compile(FAST))
 
 
@@ -88,7 +88,7 @@ def measured_update_peak(cfg: ModelConfig, rows: int, seq_len: int, mesh, grad_a
     dtypes = {"tokens": jnp.int32, "attention_mask": bool}
     mb = {k: jax.ShapeDtypeStruct((rows, seq_len), dtypes.get(k, jnp.float32), sharding=sh)
           for k in ppo_step.BATCH_KEYS}
-    update = ppo_step.make_ppo_update(cfg, tx, ppo_step.PPOStepConfig(eos_ids=(2,), grad_accum=grad_accum))
+    update = ppo_step.make_ppo_update(cfg, tx, ppo_step.PPOAlgoConfig(), grad_accum=grad_accum)
     step = sharded.jit_step(update, state, mb, mesh)
     return memory.compiled_peak_bytes(step.lower(state, mb).compile(FAST))
 

@@ -15,6 +15,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reft_jax.train.ppo import PPOConfig, TrainingDiverged, run_ppo
+    from reft_jax.train.ppo import PPOConfig, run_ppo
 
-    return run_training("ppo", PPOConfig, run_ppo, args, diverged=(TrainingDiverged,))
+    return run_training("ppo", PPOConfig, run_ppo, args)

@@ -16,6 +16,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from reft_jax.train.sft import SFTConfig, run_sft
-    from reft_jax.train.loop import TrainingDiverged
 
-    return run_training("sft", SFTConfig, run_sft, args, diverged=(TrainingDiverged,))
+    return run_training("sft", SFTConfig, run_sft, args)

@@ -20,9 +20,23 @@ class Encoded:
     n_prompt: int  # the first n_prompt ids are the prompt (masked from the loss)
 
 
+def bucket_sizes(bucket: int, cap: int) -> list[int]:
+    """The fixed set of padded lengths a run uses: `bucket` x (1, 2, 3, 4, 6, 8, 12, 16, ...)
+    below `cap`, then `cap`. Each compiled program exists once per size, so a run compiles a
+    handful of shapes (about two per doubling); beyond two buckets a padded row is at most 1.5x
+    its length."""
+    sizes, m = [], 1
+    while bucket * m < cap:
+        sizes.append(bucket * m)
+        m = m + 1 if m < 4 else (m * 3 // 2 if m & (m - 1) == 0 else m * 4 // 3)
+    return sizes + [cap]
+
+
 def bucket_length(n: int, bucket: int, cap: int) -> int:
-    """Round a length up to a multiple of `bucket` (bounded by `cap`) so runs compile few shapes."""
-    return max(1, min(cap, int(math.ceil(n / bucket)) * bucket))
+    """The smallest of `bucket_sizes(bucket, cap)` that holds `n` (at most `cap`)."""
+    if n >= cap:
+        return max(1, cap)
+    return next(size for size in bucket_sizes(bucket, cap) if size >= max(n, 1))
 
 
 def pad_sft_batch(items: Sequence[Encoded], length: int, pad_id: int, batch_size: int) -> dict[str, np.ndarray]:

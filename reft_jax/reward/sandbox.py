@@ -27,6 +27,10 @@ has not loaded: a program that never names numpy or sympy cannot reach them and 
 light worker. Typical programs use neither, and this keeps their CPU cost per program at about a
 third. What a program may use is `SandboxConfig.policy` ("reft" by default: what the official
 executor runs, minus the escape routes; see the SandboxConfig docstring for what still differs).
+
+Why this module is long: the executor service (worker pool, deadlines, replacement, retries,
+cache, routing to light / sympy workers) and its policy setting form one state machine whose
+invariants (a job is answered once, a dead worker's job retried once) span all of it.
 """
 from __future__ import annotations
 

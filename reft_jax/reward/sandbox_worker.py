@@ -26,6 +26,10 @@ Protocol on stdin/stdout: frames of a 4-byte big-endian length and a UTF-8 JSON 
   worker -> main: {"t": "ready", "pid": int} once, then per job, in order,
                   {"t": "done", "id", "r": {status, value, text, detail, output, seconds}}.
   grandchild -> worker: one frame, the result, on its own pipe.
+
+Why this module is long: it is a standalone script (stdlib only, run as `python -I`), so the
+screen, the guarded builtins, the confinement and the protocol cannot be split into modules the
+worker would have to import from the package; each layer is kept next to the others it relies on.
 """
 from __future__ import annotations
 

@@ -43,6 +43,46 @@ from reft_jax.reward.answers import completion_from_text
 from reft_jax.reward.sandbox import STATUSES
 
 
+@dataclasses.dataclass
+class RolloutConfig:
+    """How a run samples its rollouts: the settings PPO and online self-training share (each
+    run's config extends it). ReFT: 32 questions a step, one sample each, pure sampling
+    (temperature 1, no top-k / top-p), prompt (padded) + completion capped at 700 tokens as
+    HF's ``max_length``; widths are bucketed (multiples of ``prompt_bucket`` /
+    ``length_bucket``) so a run compiles a handful of programs."""
+
+    batch_questions: int = 32
+    n_samples: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_total_len: int = 700
+    max_new_tokens: int | None = None  # None: as many as max_total_len allows
+    prompt_bucket: int = 32
+    length_bucket: int = 64
+
+    def validate_rollout(self, max_prompt_len: int) -> None:
+        from reft_jax.config import ConfigError
+
+        for name in ("batch_questions", "n_samples", "prompt_bucket", "length_bucket"):
+            if getattr(self, name) < 1:
+                raise ConfigError("must be >= 1", key=name, value=getattr(self, name))
+        if max_prompt_len >= self.max_total_len:
+            raise ConfigError(f"must be below max_total_len={self.max_total_len}", key="data.max_prompt_len",
+                              value=max_prompt_len)
+
+    @property
+    def rows(self) -> int:
+        """Sequences per rollout step."""
+        return self.batch_questions * self.n_samples
+
+    def sample_config(self, eos_ids: tuple[int, ...], pad_id: int) -> sampling.SampleConfig:
+        return sampling.SampleConfig(max_new_tokens=self.max_new_tokens or self.max_total_len,
+                                     max_total_len=self.max_total_len, temperature=self.temperature,
+                                     top_k=self.top_k, top_p=self.top_p, n=self.n_samples, eos_ids=eos_ids,
+                                     pad_id=pad_id)
+
+
 @dataclasses.dataclass(frozen=True)
 class Prefixes:
     """Left-padded rollout prefixes of one question batch (host arrays)."""

@@ -32,13 +32,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reft_jax.data.batches import bucket_length
 from reft_jax.model import decode, llama
 from reft_jax.model.config import ModelConfig
 
@@ -406,13 +406,14 @@ def completion_budget(prefix_mask: np.ndarray, config: SampleConfig) -> tuple[in
 
     Without `max_total_len` both are `max_new_tokens`. With it, HF's `max_length` rule on the
     batch's longest real prompt: budget = min(max_new_tokens, max_total_len - longest), and T is
-    the budget rounded up to `budget_bucket` (at most max_new_tokens) so batches share programs.
+    the budget rounded up to one of `bucket_sizes(budget_bucket, max_new_tokens)` so batches
+    share programs.
     """
     if config.max_total_len is None:
         return config.max_new_tokens, config.max_new_tokens
     longest = int(np.max(np.sum(np.asarray(prefix_mask, bool), axis=1), initial=0))
     budget = max(0, min(config.max_new_tokens, config.max_total_len - longest))
-    width = min(config.max_new_tokens, math.ceil(max(budget, 1) / config.budget_bucket) * config.budget_bucket)
+    width = bucket_length(max(budget, 1), config.budget_bucket, config.max_new_tokens)
     return budget, width
 
 

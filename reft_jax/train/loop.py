@@ -21,6 +21,7 @@ and returns its metrics) and its evaluation (`Trainer.evaluate`). Everything els
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
@@ -35,6 +36,24 @@ from reft_jax.checkpoint import improves
 from reft_jax.metrics import progress
 
 NAN_POLICIES = ("stop", "skip")
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # JAX's own: one per XLA compile
+
+
+class CompileLog:
+    """What XLA compiled in this process, from JAX's monitoring events: seconds in all and
+    compiles per function name (a persistent-cache hit counts, with its short load time)."""
+
+    seconds = 0.0
+    counts: collections.Counter = collections.Counter()
+
+    @classmethod
+    def on_event(cls, event: str, duration: float, **kwargs: Any) -> None:
+        if event == COMPILE_EVENT:
+            cls.seconds += duration
+            cls.counts[kwargs.get("fun_name", "?")] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(CompileLog.on_event)
 
 
 class TrainingDiverged(RuntimeError):
@@ -156,6 +175,7 @@ class _Pending:
     batch: int
     metrics: dict
     started: float
+    compiled: float = 0.0  # seconds XLA spent compiling while this step was dispatched
 
 
 class _Log:
@@ -179,7 +199,8 @@ class _Log:
             "Lower optim.lr (or raise kl_coef), check the data, or set nan_policy=skip.")
 
     def restart_clock(self) -> None:
-        """After an evaluation or a checkpoint, so their time does not count as step time."""
+        """After an evaluation or a checkpoint, so their time (and compiles) do not count as the
+        next step's."""
         self.clock = time.perf_counter()
 
     def push(self, item: _Pending) -> None:
@@ -199,6 +220,7 @@ class _Log:
         if (bad or host.get("nonfinite", 0)) and self.nan_policy == "stop":
             self.diverged(f"non-finite loss {host.get('loss')} (grad norm {host.get('grad_norm')})", item)
         rec = self.t.record(host, item.epoch, item.batch, seconds)
+        rec["compile_seconds"] = item.compiled
         self.t.run.writer.write(item.step, rec, prefix="train")
         self.last = rec
         self.records.append(rec)
@@ -256,13 +278,14 @@ def train(trainer: Trainer, state: Any, meta: dict, stack: Any,
     every_steps = getattr(cfg.eval, "every_steps", 0)
     try:
         for i, (epoch, bi) in enumerate(positions):
-            started = time.perf_counter()
+            started, compiled = time.perf_counter(), CompileLog.seconds
             upcoming = positions[i + 1] if i + 1 < len(positions) else None
             state, metrics = trainer.step(state, step, epoch, bi, upcoming)
+            compiled = CompileLog.seconds - compiled
             step += 1
             if after_step is not None:
                 state = after_step(step, state) or state
-            log.push(_Pending(step, epoch, bi, metrics, started))
+            log.push(_Pending(step, epoch, bi, metrics, started, compiled))
             end = bi == trainer.steps_per_epoch - 1
             eval_now = trainer.has_eval() and (
                 (end and ((epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == trainer.last_epoch))

@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 
 from reft_jax import config as config_lib
 from reft_jax import parallel
-from reft_jax.data.batches import epoch_batches, steps_per_epoch
+from reft_jax.data.batches import bucket_sizes, epoch_batches, steps_per_epoch
 from reft_jax.data.prompts import special_ids
 from reft_jax.data.splits import Splits, load_examples, tokenizer_corpus
 from reft_jax.metrics import Timer, plot_metrics
@@ -40,134 +40,57 @@ from reft_jax.model.config import ModelConfig
 from reft_jax.reward.answers import answer_kind
 from reft_jax.reward.reward import RewardConfig
 from reft_jax.reward.sandbox import SandboxConfig
-from reft_jax.rollout.engine import RolloutEngine, encode_prefixes, scores_on_mesh, status_counts
-from reft_jax.rollout.sampler import SampleConfig
-from reft_jax.train import loop, ppo_math, ppo_step, sharded
+from reft_jax.rollout.engine import RolloutConfig, RolloutEngine, encode_prefixes, scores_on_mesh, status_counts
+from reft_jax.train import loop, ppo_step, sharded
+from reft_jax.train.ppo_step import PPOAlgoConfig
 from reft_jax.train.loop import TrainingDiverged
-from reft_jax.train.run import EvalConfig, ModelSpec, RunConfig, build_policy, compute_dtype, open_or_start
-from reft_jax.train.sft import evaluate_splits
+from reft_jax.train.run import (EvalConfig, ModelSpec, RunConfig, build_policy, compute_dtype, from_warmup,
+                                fit_questions, open_or_start, plan_memory, rl_eval, rl_optim)
+from reft_jax.train.sft import eval_executor, evaluate_splits
 from reft_jax.train.state import OptimConfig, TrainState, make_optimizer
 
-__all__ = ["PPOConfig", "TrainingDiverged", "run_ppo", "step_config", "derived_sizes"]
-
-VALUE_HEAD_INITS = ("torch_default", "zeros")
-
-
-def _ppo_optim() -> OptimConfig:
-    return OptimConfig(lr=3e-7, schedule="constant", warmup_ratio=0.0)
-
-
-def _ppo_eval() -> EvalConfig:
-    return EvalConfig(max_new_tokens=700, max_total_len=700)
+__all__ = ["PPOConfig", "TrainingDiverged", "run_ppo", "derived_sizes"]
 
 
 @dataclasses.dataclass
-class PPOConfig(RunConfig):
-    """One ReFT PPO run. Defaults are the paper's recipe (reference §5, §8b).
+class PPOConfig(PPOAlgoConfig, RolloutConfig, RunConfig):
+    """One ReFT PPO run: the run section (`RunConfig`), the rollout section shared with online
+    self-training (`RolloutConfig`) and ReFT's objective (`ppo_step.PPOAlgoConfig`, which the
+    step functions receive whole), flat in YAML. Defaults are the paper's recipe (§5, §8b).
 
     Policy init: ``model`` (by default the ``warmup`` checkpoint of an SFT run directory given
-    as ``model.path``); the reference is a frozen copy of the same params (``ref_dtype`` e.g.
-    ``bfloat16`` to hold it in half the memory). Per step: ``batch_questions`` x ``n_samples``
-    rollouts, ``ppo_epochs`` passes over them in minibatches of ``mini_batch_size`` sequences
-    (0 = the whole batch: ReFT's one optimizer step per PPO epoch). ``max_total_len`` caps
-    prompt (padded) + completion as HF's ``max_length``; prompts keep their first
-    ``data.max_prompt_len`` tokens (300). ``advantage_estimator`` is a key of
-    ``ppo_math.ADVANTAGE_ESTIMATORS`` (gae; grpo and rloo need ``n_samples > 1``).
+    as ``model.path``); the reference is a frozen copy of the same params. Per step:
+    ``batch_questions`` x ``n_samples`` rollouts, ``ppo_epochs`` passes over them in minibatches
+    of ``mini_batch_size`` sequences; prompts keep their first ``data.max_prompt_len`` tokens.
     """
 
-    model: ModelSpec = dataclasses.field(default_factory=lambda: ModelSpec(step="warmup"))
-    optim: OptimConfig = dataclasses.field(default_factory=_ppo_optim)
-    eval: EvalConfig = dataclasses.field(default_factory=_ppo_eval)
+    model: ModelSpec = dataclasses.field(default_factory=from_warmup)
+    optim: OptimConfig = dataclasses.field(default_factory=rl_optim)
+    eval: EvalConfig = dataclasses.field(default_factory=rl_eval)
     sandbox: SandboxConfig = dataclasses.field(default_factory=SandboxConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
-    # schedule
     epochs: int = 300
-    batch_questions: int = 32
-    n_samples: int = 1
-    mini_batch_size: int = 0
-    ppo_epochs: int = 2
-    # objective
-    kl_coef: float = 0.01  # ReFT: 0.01 P-CoT, 0.05 N-CoT
-    kl_estimator: str = "k1"
-    kl_in_reward: bool = True
-    advantage_estimator: str = "gae"
-    whiten_advantages: bool = True
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip: float = 0.2
-    value_clip: float | None = 0.2
-    vf_coef: float = 5.0
-    loss_agg: str = "seq_mean_token_mean"
-    value_head_init: str = "torch_default"  # keep the loaded (randomly initialised) head | zeros
-    ref_dtype: str | None = None
-    sampler_logprobs: bool = False  # ReFT recomputes the old log-probs with a full forward
-    # rollout
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    max_total_len: int = 700
-    max_new_tokens: int | None = None  # None: as many as max_total_len allows
-    prompt_bucket: int = 32
-    length_bucket: int = 64
-    score_microbatches: int = 1
-    # loop
     eval_at_start: bool = True  # evaluate the initial policy (epoch 0) on a fresh run
     max_steps: int | None = None  # stop this invocation after so many rollout steps (benchmarks)
     profile_sync: bool = False  # block after every phase: exact per-phase times, no overlap
 
     def validate(self) -> None:
         self.validate_run()
-        for name in ("epochs", "batch_questions", "n_samples", "ppo_epochs", "prompt_bucket",
-                     "length_bucket", "score_microbatches"):
-            if getattr(self, name) < 1:
-                raise config_lib.ConfigError("must be >= 1", key=name, value=getattr(self, name))
-        rows = self.batch_questions * self.n_samples
+        self.validate_rollout(self.data.max_prompt_len)
+        self.validate_algo()
+        if self.epochs < 1:
+            raise config_lib.ConfigError("must be >= 1", key="epochs", value=self.epochs)
+        rows = self.rows
         if self.mini_batch_size < 0 or (self.mini_batch_size and rows % self.mini_batch_size):
             raise config_lib.ConfigError(f"must divide batch_questions * n_samples = {rows} (0 = all)",
                                          key="mini_batch_size", value=self.mini_batch_size)
-        choices = {"kl_estimator": tuple(ppo_math.KL_ESTIMATORS),
-                   "advantage_estimator": tuple(ppo_math.ADVANTAGE_ESTIMATORS),
-                   "loss_agg": ppo_math.LOSS_AGGREGATIONS, "value_head_init": VALUE_HEAD_INITS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise config_lib.ConfigError(f"must be one of {allowed}", key=name, value=getattr(self, name))
         if self.advantage_estimator in ("grpo", "rloo") and self.n_samples < 2:
             raise config_lib.ConfigError(f"{self.advantage_estimator} compares samples of one question: "
                                          "needs n_samples >= 2", key="n_samples", value=self.n_samples)
-        if self.data.max_prompt_len >= self.max_total_len:
-            raise config_lib.ConfigError(f"must be below max_total_len={self.max_total_len}",
-                                         key="data.max_prompt_len", value=self.data.max_prompt_len)
-        if self.ref_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise config_lib.ConfigError("must be float32, bfloat16 or float16", key="ref_dtype",
-                                         value=self.ref_dtype)
-
-    @property
-    def rows(self) -> int:
-        """Sequences per rollout step."""
-        return self.batch_questions * self.n_samples
 
     @property
     def minibatch(self) -> int:
         return self.mini_batch_size or self.rows
-
-
-def step_config(cfg: PPOConfig, eos_ids: tuple[int, ...]) -> ppo_step.PPOStepConfig:
-    """The device-side knobs of a run."""
-    return ppo_step.PPOStepConfig(
-        eos_ids=eos_ids, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, kl_in_reward=cfg.kl_in_reward,
-        estimator=cfg.advantage_estimator, gamma=cfg.gamma, lam=cfg.lam, group_size=cfg.n_samples,
-        whiten_advantages=cfg.whiten_advantages, clip=cfg.clip, value_clip=cfg.value_clip,
-        vf_coef=cfg.vf_coef, loss_agg=cfg.loss_agg, grad_accum=cfg.optim.grad_accum,
-        score_microbatches=cfg.score_microbatches,
-        compute_dtype=compute_dtype(cfg.optim),
-        sampler_logprobs=cfg.sampler_logprobs)
-
-
-def sample_config(cfg: PPOConfig, eos_ids: tuple[int, ...], pad_id: int) -> SampleConfig:
-    """ReFT's rollout sampler: pure sampling (T 1, no top-k/top-p), 700 tokens in all."""
-    return SampleConfig(max_new_tokens=cfg.max_new_tokens or cfg.max_total_len, max_total_len=cfg.max_total_len,
-                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, n=cfg.n_samples,
-                        eos_ids=eos_ids, pad_id=pad_id)
 
 
 def derived_sizes(cfg: PPOConfig, splits: Splits, model_config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
@@ -182,6 +105,9 @@ def derived_sizes(cfg: PPOConfig, splits: Splits, model_config: ModelConfig, mes
         "microbatch": (cfg.minibatch // cfg.optim.grad_accum, f"grad_accum {cfg.optim.grad_accum}"),
         "rollout steps": (spe * cfg.epochs, f"{cfg.epochs} epochs"),
         "tokens/sequence": (cfg.max_total_len, f"at most; prompt <= {cfg.data.max_prompt_len}"),
+        "prompt widths": (str(bucket_sizes(cfg.prompt_bucket, cfg.data.max_prompt_len)), "the shape buckets"),
+        "completion widths": (str(bucket_sizes(cfg.length_bucket, cfg.max_new_tokens or cfg.max_total_len)),
+                              "each program compiles once per bucket"),
         "mesh": (str(dict(mesh.shape)), f"{mesh.devices.size} devices"),
         "params": (model_config.num_params(), f"{model_config.num_layers} layers, d {model_config.hidden_size}"),
     }
@@ -228,6 +154,7 @@ class PPOTrainer(loop.Trainer):
     update_fn: Callable | None = None
     update: Callable | None = None  # jitted on first use (needs a state to take shardings from)
     take_rows: Callable | None = None
+    eval_executor: Any = None  # P-CoT evaluation runs programs with eval.timeout, as SFT's
     timer: Timer = dataclasses.field(default_factory=Timer)
     _order: tuple[int, list] | None = None
     _prefixes: Any = None
@@ -287,6 +214,7 @@ class PPOTrainer(loop.Trainer):
         })
         rec.update(timer.summary(reset=True, prefix="time/"))
         rec["sequences_per_s"] = self.cfg.rows / max(time.perf_counter() - start, 1e-9)
+        rec["prompt_width"], rec["seq_width"] = prefixes.tokens.shape[1], ro.batch["tokens"].shape[1]
         return state, rec
 
     def record(self, m, epoch, bi, seconds):
@@ -300,7 +228,7 @@ class PPOTrainer(loop.Trainer):
 
     def evaluate(self, params, epoch, step):
         """Greedy top-1 with the rollout prefix and ReFT's RL length cap on test and val."""
-        return evaluate_splits(params, self.run, self.splits, epoch, self.cfg.seed + 1, self.engine.executor,
+        return evaluate_splits(params, self.run, self.splits, epoch, self.cfg.seed + 1, self.eval_executor,
                                "rollout")
 
 
@@ -311,7 +239,6 @@ def run_ppo(cfg: PPOConfig, *, _after_step: Callable[[int, TrainState], TrainSta
     cfg.validate()
     with contextlib.ExitStack() as stack:
         mesh = parallel.build_mesh(cfg.mesh)
-        _check_mesh(cfg, mesh)
         splits = load_examples(cfg.data, cfg.seed)
         if len(splits.train) < cfg.batch_questions:
             raise config_lib.ConfigError(f"only {len(splits.train)} training questions", key="batch_questions",
@@ -331,14 +258,19 @@ def run_ppo(cfg: PPOConfig, *, _after_step: Callable[[int, TrainState], TrainSta
         run, state, meta = open_or_start(cfg, "ppo", stack, mesh, total_updates, f"{cfg.eval.select_on}_accuracy",
                                          fresh)
         init_params = None  # the state and the reference hold what they need
+        splits = fit_questions(run, splits)
+        spe = steps_per_epoch(len(splits.train), cfg.batch_questions, drop_last=True)
+        plan_memory(run, "ppo", batch=cfg.minibatch, seq_len=cfg.max_total_len, rollout_rows=cfg.rows,
+                    prompt_len=cfg.data.max_prompt_len, ref_dtype=cfg.ref_dtype)
+        _check_mesh(cfg, mesh)
         ids = special_ids(run.tokenizer)
-        step_cfg = step_config(cfg, tuple(sorted({ids.eos})))
+        eos_ids, dtype, chunk = tuple(sorted({ids.eos})), compute_dtype(cfg.optim), cfg.model.logprob_chunk
         executor = None
         if cfg.data.engine == "python":
             from reft_jax.reward.sandbox import ProgramExecutor
 
             executor = stack.enter_context(ProgramExecutor(cfg.sandbox))
-        engine = RolloutEngine(run.model_config, sample_config(cfg, step_cfg.eos_ids, ids.pad), run.tokenizer, mesh,
+        engine = RolloutEngine(run.model_config, cfg.sample_config(eos_ids, ids.pad), run.tokenizer, mesh,
                                answer_kind(cfg.data.dataset), cfg.data.engine, executor, cfg.reward,
                                cfg.length_bucket, keep_sampler_logp=cfg.sampler_logprobs, sync=cfg.profile_sync)
         print(f"[ppo] {run.run_dir}\n" + config_lib.describe_derived(
@@ -348,9 +280,13 @@ def run_ppo(cfg: PPOConfig, *, _after_step: Callable[[int, TrainState], TrainSta
             name="ppo", run=run, steps_per_epoch=spe, last_epoch=cfg.epochs,
             best_name=f"{cfg.eval.select_on}_accuracy", eval_at_start=cfg.eval_at_start, max_steps=cfg.max_steps,
             loss_is_nll=False, cfg=cfg, splits=splits, ref_params=ref_params, engine=engine,
-            score=jax.jit(lambda p, r, ro: ppo_step.score_pass(p, r, ro, mc, step_cfg)),
-            assemble=jax.jit(lambda s, ro, sc: ppo_step.assemble(s, ro, sc, step_cfg)),
-            update_fn=ppo_step.make_ppo_update(mc, tx, step_cfg),
+            score=jax.jit(lambda p, r, ro: ppo_step.score_pass(p, r, ro, mc, cfg, eos_ids=eos_ids,
+                                                               compute_dtype=dtype, chunk=chunk)),
+            assemble=jax.jit(lambda s, ro, sc: ppo_step.assemble(s, ro, sc, cfg, eos_ids=eos_ids,
+                                                                 group_size=cfg.n_samples)),
+            update_fn=ppo_step.make_ppo_update(mc, tx, cfg, grad_accum=cfg.optim.grad_accum, compute_dtype=dtype,
+                                               chunk=chunk),
+            eval_executor=eval_executor(cfg, stack) if splits.test or splits.val else None,
             take_rows=jax.jit(lambda b, idx: jax.tree.map(lambda x: jnp.take(x, idx, axis=0), b),
                               out_shardings=parallel.batch_sharding(mesh, 2)))
         _, summary = loop.train(trainer, state, meta, stack, _after_step)

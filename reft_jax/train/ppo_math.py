@@ -12,7 +12,7 @@ Shapes and indices (one convention for every per-token array):
   ``t in [P-1, e-1]`` (the action that emits EOS is included); without EOS ``t in [P-1, L-2]``.
   Masks are float (0/1) arrays; every function also accepts bool masks.
 * Scores sit on the last action of each row (``e-1`` or ``L-2``); per-token reward
-  ``r = score - beta * KL`` (k1 on the sampled token, rollout-time policy) inside the mask.
+  ``r = score - kl_coef * KL`` (k1 on the sampled token, rollout-time policy) inside the mask.
 * Losses: ``loss_agg="seq_mean_token_mean"`` (ReFT: token-mean per sequence, then batch mean) or
   ``"token_mean"`` (all masked tokens of the batch). ``normalize=False`` returns the numerator
   and ``metrics["count"]`` the matching denominator, so microbatches accumulate exactly.
@@ -144,19 +144,19 @@ def kl_k3(logp: Array, ref_logp: Array) -> Array:
 KL_ESTIMATORS: dict[str, Callable[[Array, Array], Array]] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
 
-def token_rewards(score_rew: Array, logp_old: Array, logp_ref: Array, m: Array, beta: float | Array,
+def token_rewards(score_rew: Array, logp_old: Array, logp_ref: Array, m: Array, kl_coef: float | Array,
                   estimator: str = "k1", kl_in_reward: bool = True) -> tuple[Array, Array]:
     """Per-token rewards ``[B, L]`` (§5.4) and the masked per-token KL ``[B, L]`` (for logging).
 
     ``score_rew``: placed scores from ``score_rewards``. ``logp_old``/``logp_ref``: rollout-time
-    policy and reference log-probs (action convention). ReFT: ``r = score - beta * k1`` inside
+    policy and reference log-probs (action convention). ReFT: ``r = score - kl_coef * k1`` inside
     the mask. ``kl_in_reward=False`` (KL-in-loss mode, e.g. GRPO): ``r = score`` and the trainer
-    adds ``beta * kl_loss(...)`` to its loss instead.
+    adds ``kl_coef * kl_loss(...)`` to its loss instead.
     """
     mb = m > 0
     kl = jnp.where(mb, KL_ESTIMATORS[estimator](logp_old, logp_ref), 0)
     score = jnp.where(mb, score_rew, 0)
-    return (score - beta * kl if kl_in_reward else score), kl
+    return (score - kl_coef * kl if kl_in_reward else score), kl
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,8 +260,8 @@ class AdvantageBatch(NamedTuple):
 
 def compute_advantages(tokens: Array, prompt_len: int | Array, scores: Array, logp_old: Array,
                        logp_ref: Array, values: Array, *, eos_ids: Sequence[int] | Array,
-                       beta: float | Array, kl_estimator: str = "k1", kl_in_reward: bool = True,
-                       estimator: str = "gae", gamma: float | Array = 1.0,
+                       kl_coef: float | Array, kl_estimator: str = "k1", kl_in_reward: bool = True,
+                       advantage_estimator: str = "gae", gamma: float | Array = 1.0,
                        lam: float | Array = 0.95, group_size: int = 1,
                        whiten_advantages: bool = True, axis_name: AxisName = None
                        ) -> AdvantageBatch:
@@ -269,16 +269,16 @@ def compute_advantages(tokens: Array, prompt_len: int | Array, scores: Array, lo
 
     ``scores [B]`` (1 / 0.1 / 0 in ReFT); ``logp_old``, ``logp_ref``, ``values`` ``[B, L]`` in the
     action convention. ReFT defaults: k1 KL in the reward, GAE(1.0, 0.95), global whitening. Under
-    ``jit`` mark ``eos_ids`` (a tuple), ``kl_estimator``, ``kl_in_reward``, ``estimator``,
+    ``jit`` mark ``eos_ids`` (a tuple), ``kl_estimator``, ``kl_in_reward``, ``advantage_estimator``,
     ``group_size`` and ``whiten_advantages`` static. Whitened advantages are re-masked (ReFT
     leaves them non-zero outside the mask; every loss masks them, so the numbers are the same).
     """
     dtype = jnp.result_type(values, jnp.float32)
     m = action_mask(tokens, prompt_len, eos_ids, dtype=dtype)
     score_rew = score_rewards(jnp.asarray(scores, dtype), m)
-    rewards, kl = token_rewards(score_rew, logp_old, logp_ref, m, beta, kl_estimator, kl_in_reward)
+    rewards, kl = token_rewards(score_rew, logp_old, logp_ref, m, kl_coef, kl_estimator, kl_in_reward)
     v = values.astype(dtype) * m
-    raw, returns = ADVANTAGE_ESTIMATORS[estimator](rewards, v, m, gamma=gamma, lam=lam,
+    raw, returns = ADVANTAGE_ESTIMATORS[advantage_estimator](rewards, v, m, gamma=gamma, lam=lam,
                                                    group_size=group_size)
     adv = whiten(raw, m, axis_name) * m if whiten_advantages else raw
     return AdvantageBatch(m, score_rew, kl, rewards, v, raw, adv, returns)
@@ -358,7 +358,7 @@ def kl_loss(logp: Array, logp_ref: Array, m: Array, estimator: str = "k3",
             log_ratio_clamp: float | None = DEFAULT_LOG_RATIO_CLAMP,
             loss_agg: str = "seq_mean_token_mean", normalize: bool = True
             ) -> tuple[Array, dict[str, Array]]:
-    """KL(pi || ref) as a loss term for KL-in-loss mode (not ReFT); the trainer adds beta * it.
+    """KL(pi || ref) as a loss term for KL-in-loss mode (not ReFT); the trainer adds kl_coef * it.
 
     Estimators depend only on ``d = logp - logp_ref``; ``d`` is masked and clamped like the
     policy log-ratio so ``k3``'s ``exp`` cannot overflow. Metrics: ``kl_mean``, ``count``.

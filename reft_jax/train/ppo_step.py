@@ -16,7 +16,7 @@ tokens and on completion tokens up to and including EOS.
 Why the score pass recomputes log-probs: ReFT takes the "old" log-probs from a full forward of
 the policy on the sampled sequences, not from the sampler (§5.2); the two differ by float noise
 (KV-cache vs full attention) and that noise enters the ratio of the first PPO epoch.
-``PPOStepConfig.sampler_logprobs`` switches to the sampler's values to save the log-softmax.
+``PPOAlgoConfig.sampler_logprobs`` switches to the sampler's values to save the log-softmax.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from reft_jax.model import llama
+from reft_jax.model import logprobs
 from reft_jax.model.config import ModelConfig
 from reft_jax.train import ppo_math
 from reft_jax.train.state import (TrainState, accumulate_gradients, apply_gradients, cast_for_compute,
@@ -43,62 +43,77 @@ BATCH_KEYS = ("tokens", "attention_mask", "mask", "logp_old", "logp_ref", "value
               "advantages", "returns")
 
 
-@dataclasses.dataclass(frozen=True)
-class PPOStepConfig:
-    """Static knobs of the device-side math (hashable: closed over by the jitted functions).
+VALUE_HEAD_INITS = ("torch_default", "zeros")
 
-    Defaults are ReFT's (reference §5): k1 KL in the reward with a fixed ``kl_coef``, GAE with
-    TD discount ``gamma`` 1.0 and decay ``lam`` 0.95, global whitening, clip 0.2 for both the
-    policy ratio and the value, ``vf_coef`` 5, per-sequence token-mean then batch mean.
-    ``kl_in_reward=False`` adds ``kl_coef * kl_loss(estimator)`` to the loss instead (GRPO style).
-    ``score_microbatches`` splits the score pass over rows (memory: one ``[B/n, L, V]`` logits
-    block at a time); ``grad_accum`` does the same for the update, exactly.
+
+@dataclasses.dataclass(unsafe_hash=True)  # hashable: a static argument of jitted test helpers
+class PPOAlgoConfig:
+    """ReFT's PPO objective (reference §5, §8b): the section of a PPO run's config that the
+    device math reads. The run's `PPOConfig` extends it and is passed to the step functions
+    whole (as tunix passes its `algo_config`); the names are the config's own.
+
+    Defaults are ReFT's: k1 KL in the reward with a fixed ``kl_coef`` (0.01 P-CoT, 0.05 N-CoT),
+    GAE with TD discount ``gamma`` 1.0 and decay ``lam`` 0.95, global whitening, clip 0.2 for
+    both the policy ratio and the value, ``vf_coef`` 5, per-sequence token-mean then batch mean,
+    2 PPO epochs over the whole batch (``mini_batch_size`` 0). ``kl_in_reward=False`` adds
+    ``kl_coef * kl_loss(kl_estimator)`` to the loss instead (GRPO style).
+    ``advantage_estimator`` is a key of ``ppo_math.ADVANTAGE_ESTIMATORS`` (gae; grpo and rloo
+    compare the samples of one question). ``score_microbatches`` splits the score pass over rows
+    (one ``[B/n, L, V]`` logits block at a time). ``sampler_logprobs`` takes the old log-probs
+    from the sampler instead of ReFT's recomputing forward. ``ref_dtype`` holds the frozen
+    reference in e.g. bfloat16; ``value_head_init`` keeps the loaded head or zeros it.
     """
 
-    eos_ids: tuple[int, ...]
     kl_coef: float = 0.01
     kl_estimator: str = "k1"
     kl_in_reward: bool = True
-    estimator: str = "gae"
+    advantage_estimator: str = "gae"
+    whiten_advantages: bool = True
     gamma: float = 1.0
     lam: float = 0.95
-    group_size: int = 1
-    whiten_advantages: bool = True
     clip: float = 0.2
     value_clip: float | None = 0.2
     vf_coef: float = 5.0
     loss_agg: str = "seq_mean_token_mean"
     log_ratio_clamp: float | None = ppo_math.DEFAULT_LOG_RATIO_CLAMP
-    grad_accum: int = 1
-    score_microbatches: int = 1
-    compute_dtype: str | None = None
-    sampler_logprobs: bool = False
+    ppo_epochs: int = 2
+    mini_batch_size: int = 0  # 0 = the whole batch: ReFT's one optimizer step per PPO epoch
+    score_microbatches: int | str = 1  # or auto: the memory planner picks the smallest that fits
+    sampler_logprobs: bool = False  # ReFT recomputes the old log-probs with a full forward
+    value_head_init: str = "torch_default"  # keep the loaded (randomly initialised) head | zeros
+    ref_dtype: str | None = None
 
-    def __post_init__(self) -> None:
-        if self.kl_estimator not in ppo_math.KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {tuple(ppo_math.KL_ESTIMATORS)}")
-        if self.estimator not in ppo_math.ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"estimator must be one of {tuple(ppo_math.ADVANTAGE_ESTIMATORS)}")
-        if self.loss_agg not in ppo_math.LOSS_AGGREGATIONS:
-            raise ValueError(f"loss_agg must be one of {ppo_math.LOSS_AGGREGATIONS}")
-        if self.grad_accum < 1 or self.score_microbatches < 1:
-            raise ValueError("grad_accum and score_microbatches must be >= 1")
+    def validate_algo(self) -> None:
+        from reft_jax.config import ConfigError
+
+        choices = {"kl_estimator": tuple(ppo_math.KL_ESTIMATORS),
+                   "advantage_estimator": tuple(ppo_math.ADVANTAGE_ESTIMATORS),
+                   "loss_agg": ppo_math.LOSS_AGGREGATIONS, "value_head_init": VALUE_HEAD_INITS,
+                   "ref_dtype": (None, "float32", "bfloat16", "float16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"must be one of {allowed}", key=name, value=getattr(self, name))
+        if self.ppo_epochs < 1:
+            raise ConfigError("must be >= 1", key="ppo_epochs", value=self.ppo_epochs)
+        if self.score_microbatches != "auto" and (not isinstance(self.score_microbatches, int)
+                                                  or self.score_microbatches < 1):
+            raise ConfigError("must be an int >= 1 or auto", key="score_microbatches", value=self.score_microbatches)
 
 
 # ----------------------------------------------------------------------------------------------
 # Model outputs in the action convention
 # ----------------------------------------------------------------------------------------------
 def policy_outputs(params: PyTree, tokens: Array, attention_mask: Array, config: ModelConfig,
-                   compute_dtype: str | None = None) -> tuple[Array, Array, Array]:
-    """``(logp [B, L], values [B, L], logits [B, L, V])`` from one full forward (float32 out).
+                   compute_dtype: str | None = None, chunk: int | None = logprobs.DEFAULT_CHUNK,
+                   with_entropy: bool = False) -> tuple[Array, Array, Array | None]:
+    """``(logp [B, L], values [B, L], entropy [B, L] | None)`` from one full forward (float32 out),
+    the head chunked (``model/logprobs.py``: no ``[B, L, V]`` float32 logits).
 
     Positions come from the mask (``cumsum - 1``), so a left-padded row sees the positions its
     unpadded self would; ReFT's Llama got ``0..L-1`` instead, which RoPE makes equivalent.
     """
     p = cast_for_compute(params, compute_dtype) if compute_dtype else params
-    logits, values, _ = llama.forward(p, tokens, llama.positions_from_mask(attention_mask),
-                                      attention_mask, config)
-    return ppo_math.token_logprobs(logits, tokens), values, logits
+    return logprobs.policy_logprobs(p, tokens, attention_mask, config, chunk=chunk, with_entropy=with_entropy)
 
 
 def merge_microbatches(x: PyTree) -> PyTree:
@@ -107,7 +122,8 @@ def merge_microbatches(x: PyTree) -> PyTree:
 
 
 def score_pass(params: PyTree, ref_params: PyTree, rollout: Batch, config: ModelConfig,
-               cfg: PPOStepConfig) -> Batch:
+               cfg: PPOAlgoConfig, *, eos_ids: tuple[int, ...], compute_dtype: str | None = None,
+               chunk: int | None = logprobs.DEFAULT_CHUNK) -> Batch:
     """Rollout-time policy log-probs and values, reference log-probs, per-token entropy.
 
     ``rollout``: ``tokens``, ``attention_mask``, ``prompt_len [B]``, optionally ``mask_tokens``
@@ -118,12 +134,11 @@ def score_pass(params: PyTree, ref_params: PyTree, rollout: Batch, config: Model
     ``[B, L]``; entropy is 0 outside the action mask).
     """
     def one(mb: Batch) -> Batch:
-        m = ppo_math.action_mask(mb["mask_tokens"], mb["prompt_len"], cfg.eos_ids)
-        logp, values, logits = policy_outputs(params, mb["tokens"], mb["attention_mask"], config,
-                                              cfg.compute_dtype)
-        ent = _token_entropy(logits) * m
-        del logits
-        ref_logp, _, _ = policy_outputs(ref_params, mb["tokens"], mb["attention_mask"], config)
+        m = ppo_math.action_mask(mb["mask_tokens"], mb["prompt_len"], eos_ids)
+        logp, values, ent = policy_outputs(params, mb["tokens"], mb["attention_mask"], config, compute_dtype,
+                                           chunk, with_entropy=True)
+        ent = ent * m
+        ref_logp, _, _ = policy_outputs(ref_params, mb["tokens"], mb["attention_mask"], config, chunk=chunk)
         if cfg.sampler_logprobs:
             logp = mb["sampler_logp"].astype(jnp.float32)
         return {"logp_old": logp * m, "values": values, "logp_ref": ref_logp * m, "entropy": ent}
@@ -138,18 +153,11 @@ def score_pass(params: PyTree, ref_params: PyTree, rollout: Batch, config: Model
     return jax.tree.map(lax.stop_gradient, out)
 
 
-def _token_entropy(logits: Array) -> Array:
-    """Per-position entropy ``[B, L]`` of the float32 softmax (``ppo_math.entropy_from_logits``
-    is its masked mean; the score pass keeps positions so row blocks combine exactly)."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.sum(jnp.where(logp > -jnp.inf, jnp.exp(logp) * logp, 0), axis=-1)
-
-
 # ----------------------------------------------------------------------------------------------
 # Rewards -> advantages -> the PPO training batch
 # ----------------------------------------------------------------------------------------------
-def assemble(scored: Batch, rollout: Batch, scores: Array, cfg: PPOStepConfig
-             ) -> tuple[Batch, dict[str, Array]]:
+def assemble(scored: Batch, rollout: Batch, scores: Array, cfg: PPOAlgoConfig, *, eos_ids: tuple[int, ...],
+             group_size: int = 1) -> tuple[Batch, dict[str, Array]]:
     """The PPO training batch and rollout statistics from the score pass and the scalar scores.
 
     Everything (mask, score placement, KL shaping, advantage estimator, global whitening) is
@@ -158,9 +166,9 @@ def assemble(scored: Batch, rollout: Batch, scores: Array, cfg: PPOStepConfig
     """
     adv = ppo_math.compute_advantages(
         rollout.get("mask_tokens", rollout["tokens"]), rollout["prompt_len"], scores, scored["logp_old"],
-        scored["logp_ref"], scored["values"], eos_ids=cfg.eos_ids, beta=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
-        kl_in_reward=cfg.kl_in_reward, estimator=cfg.estimator, gamma=cfg.gamma, lam=cfg.lam,
-        group_size=cfg.group_size, whiten_advantages=cfg.whiten_advantages)
+        scored["logp_ref"], scored["values"], eos_ids=eos_ids, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
+        kl_in_reward=cfg.kl_in_reward, advantage_estimator=cfg.advantage_estimator, gamma=cfg.gamma, lam=cfg.lam,
+        group_size=group_size, whiten_advantages=cfg.whiten_advantages)
     m = adv.mask
     batch = {"tokens": rollout["tokens"], "attention_mask": rollout["attention_mask"], "mask": m,
              "logp_old": scored["logp_old"], "logp_ref": scored["logp_ref"],
@@ -170,7 +178,7 @@ def assemble(scored: Batch, rollout: Batch, scores: Array, cfg: PPOStepConfig
         "score_mean": jnp.mean(scores),
         "kl_seq_mean": jnp.mean(jnp.sum(adv.kl, -1)),  # ReFT logs the mean *sequence* KL
         "kl_token_mean": ppo_math.masked_mean(adv.kl, m),
-        "return_seq_mean": jnp.mean(jnp.sum(adv.rewards, -1)),  # score - beta * KL, summed
+        "return_seq_mean": jnp.mean(jnp.sum(adv.rewards, -1)),  # score - kl_coef * KL, summed
         "entropy": ppo_math.masked_mean(scored["entropy"], m),
         "value_mean": ppo_math.masked_mean(adv.values, m),
         "returns_mean": ppo_math.masked_mean(adv.returns, m),
@@ -192,8 +200,9 @@ _TOKEN_METRICS = ("pg_clipfrac", "approx_kl", "ratio_mean", "log_ratio_clamped_f
                   "value_mean")
 
 
-def loss_terms(params: PyTree, mb: Batch, config: ModelConfig, cfg: PPOStepConfig,
-               normalize: bool = True) -> tuple[Array, Array, dict[str, Array]]:
+def loss_terms(params: PyTree, mb: Batch, config: ModelConfig, cfg: PPOAlgoConfig,
+               normalize: bool = True, compute_dtype: str | None = None,
+               chunk: int | None = logprobs.DEFAULT_CHUNK) -> tuple[Array, Array, dict[str, Array]]:
     """``(loss, denominator, aux)`` of ``pg + vf_coef * vf (+ kl_coef * kl if KL-in-loss)``.
 
     With ``normalize=False`` ``loss`` is the numerator (the form ``accumulate_gradients`` sums);
@@ -201,7 +210,7 @@ def loss_terms(params: PyTree, mb: Batch, config: ModelConfig, cfg: PPOStepConfi
     of numerators over the shared count is exactly the normalised total.
     """
     m = mb["mask"]
-    logp, values, _ = policy_outputs(params, mb["tokens"], mb["attention_mask"], config, cfg.compute_dtype)
+    logp, values, _ = policy_outputs(params, mb["tokens"], mb["attention_mask"], config, compute_dtype, chunk)
     pg, pgm = ppo_math.policy_loss(logp, mb["logp_old"], mb["advantages"], m, cfg.clip,
                                    cfg.log_ratio_clamp, cfg.loss_agg, normalize)
     vf, vfm = ppo_math.value_loss(values, mb["values_old"], mb["returns"], m, cfg.value_clip,
@@ -222,18 +231,21 @@ def loss_terms(params: PyTree, mb: Batch, config: ModelConfig, cfg: PPOStepConfi
     return total, pgm["count"], jax.tree.map(lax.stop_gradient, aux)
 
 
-def make_loss_and_grads(config: ModelConfig, cfg: PPOStepConfig
+def make_loss_and_grads(config: ModelConfig, cfg: PPOAlgoConfig, *, grad_accum: int = 1,
+                        compute_dtype: str | None = None, chunk: int | None = logprobs.DEFAULT_CHUNK
                         ) -> Callable[[PyTree, Batch], tuple[Array, PyTree, dict[str, Array]]]:
     """``f(params, minibatch) -> (loss, grads, metrics)``: the exact minibatch loss and gradient,
-    accumulated over ``cfg.grad_accum`` strided microbatches (pure; the update step wraps it)."""
+    accumulated over ``grad_accum`` strided microbatches (pure; the update step wraps it)."""
 
     def micro(params: PyTree, mb: Batch) -> tuple:
         (num, (count, aux)), grads = jax.value_and_grad(
-            lambda p: _pack(loss_terms(p, mb, config, cfg, normalize=False)), has_aux=True)(params)
+            lambda p: _pack(loss_terms(p, mb, config, cfg, normalize=False, compute_dtype=compute_dtype,
+                                       chunk=chunk)),
+            has_aux=True)(params)
         return num, count, aux, grads
 
     def loss_and_grads(params: PyTree, minibatch: Batch) -> tuple[Array, PyTree, dict[str, Array]]:
-        mbs = split_microbatches({k: minibatch[k] for k in BATCH_KEYS}, cfg.grad_accum)
+        mbs = split_microbatches({k: minibatch[k] for k in BATCH_KEYS}, grad_accum)
         loss, grads, aux = accumulate_gradients(micro, params, mbs, has_aux=True)
         sums = jax.tree.map(lambda a: jnp.sum(a, 0), aux)
         count, ntok = jnp.maximum(sums["count"], 1.0), jnp.maximum(sums["ntok"], 1.0)
@@ -250,7 +262,9 @@ def _pack(terms: tuple) -> tuple:
     return total, (count, aux)
 
 
-def make_ppo_update(config: ModelConfig, tx: optax.GradientTransformation, cfg: PPOStepConfig
+def make_ppo_update(config: ModelConfig, tx: optax.GradientTransformation, cfg: PPOAlgoConfig, *,
+                    grad_accum: int = 1, compute_dtype: str | None = None,
+                    chunk: int | None = logprobs.DEFAULT_CHUNK
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
     """``ppo_update(state, minibatch) -> (state, metrics)``; jit it with ``sharded.jit_step``.
 
@@ -258,7 +272,8 @@ def make_ppo_update(config: ModelConfig, tx: optax.GradientTransformation, cfg: 
     (the returned state equals the input state) and ``metrics["nonfinite"]`` is 1; the host
     loop then stops the run, so neither the live state nor any checkpoint is poisoned.
     """
-    loss_and_grads = make_loss_and_grads(config, cfg)
+    loss_and_grads = make_loss_and_grads(config, cfg, grad_accum=grad_accum, compute_dtype=compute_dtype,
+                                         chunk=chunk)
 
     def step(state: TrainState, minibatch: Batch) -> tuple[TrainState, dict[str, Array]]:
         loss, grads, metrics = loss_and_grads(state.params, minibatch)

@@ -23,7 +23,8 @@ import jax
 from jax.sharding import Mesh
 
 from reft_jax import config as config_lib
-from reft_jax.checkpoint import Checkpointer, abstract_like, checkpoint_step
+from reft_jax.checkpoint import Checkpointer, abstract_like, check_run_dir
+from reft_jax.data.lengths import check_lengths
 from reft_jax.data.sources import DataConfig
 from reft_jax.metrics import MetricsWriter
 from reft_jax.model import llama
@@ -44,6 +45,7 @@ class ModelSpec:
     dtype: str | None = None  # compute dtype override
     param_dtype: str | None = None
     value_head_init: str = "torch_default"
+    logprob_chunk: int | None = 128  # log-probs over this many positions at a time (None: all at once)
     remat: RematSetting | bool = "none"  # none | layer | dots_saveable | auto; true/false = layer/none
 
     def validate(self) -> None:
@@ -132,12 +134,9 @@ def load_run_params(run_dir: str | os.PathLike, selector: str, mesh: Mesh,
     optim = OptimConfig(**spec["optim"])
     sub = "warmup" if selector == "warmup" else "checkpoints"
     with Checkpointer(run_dir / sub, keep=None) as ckpt:
-        step = checkpoint_step(ckpt, selector)
+        # latest / warmup fall back past damaged newer steps (with a warning), as resuming does
         abstract = state_abstract(stored_config, optim, spec["total_steps"], mesh)
-        restored = ckpt.restore(abstract, step=step)
-    if restored is None:
-        raise FileNotFoundError(f"{run_dir / sub}: step {step} could not be restored")
-    state, meta = restored
+        state, meta = ckpt.restore_selected(abstract, selector)
     params = state.params
     if model_config.param_dtype != stored_config.param_dtype:
         params = jax.tree.map(lambda x: x.astype(model_config.param_dtype), params)
@@ -221,6 +220,9 @@ class RunConfig:
     save_every_steps: int = 0  # mid-epoch checkpoints (preemption); 0 = end of epochs only
     nan_policy: str = "stop"  # stop: one-line error, the last good checkpoint kept | skip: drop the update
     guard: GuardConfig = dataclasses.field(default_factory=GuardConfig)
+    # JAX's persistent compilation cache: a resumed or repeated run loads its programs instead of
+    # compiling them again. "" turns it off; $REFT_COMPILE_CACHE overrides the default.
+    compile_cache: str = "~/.cache/reft-jax/xla"
 
     def validate_run(self) -> None:
         if not self.run_dir:
@@ -247,6 +249,21 @@ class Run:
     tokenizer: Any
 
 
+def rl_optim() -> OptimConfig:
+    """The RL phases' optimizer (PPO, online self-training; reference §8b): lr 3e-7, constant."""
+    return OptimConfig(lr=3e-7, schedule="constant", warmup_ratio=0.0)
+
+
+def rl_eval() -> EvalConfig:
+    """The RL phases' evaluation: the rollout prefix with ReFT's 700-token cap."""
+    return EvalConfig(max_new_tokens=700, max_total_len=700)
+
+
+def from_warmup() -> ModelSpec:
+    """The RL phases start from an SFT run directory's warm-up checkpoint (`model.path`)."""
+    return ModelSpec(step="warmup")
+
+
 def compute_dtype(optim: OptimConfig) -> str | None:
     """The forward's dtype override (None: the params' own float32)."""
     return None if optim.compute_dtype == "float32" else optim.compute_dtype
@@ -261,20 +278,87 @@ def open_or_start(cfg: Any, name: str, stack: contextlib.ExitStack, mesh: Mesh, 
     tokenizer, state), the run artifacts are written and `on_fresh()` runs. Returns the run,
     the state and the restored meta ({} when fresh). Metrics of steps after the restored one
     (redone by the resumed run) are dropped from metrics.jsonl and TensorBoard."""
+    check_run_dir(cfg.run_dir)  # one line naming run_dir if it is a file, read-only, virtual, ...
     run_dir = pathlib.Path(cfg.run_dir)
+    use_compile_cache(cfg.compile_cache)
     if abstract is None:
         abstract = lambda mc: state_abstract(mc, cfg.optim, total_steps, mesh)  # noqa: E731
     ckpt, restored, model_config, tokenizer = open_run(stack, run_dir, cfg.keep, best_name, abstract)
     if restored is None:
         model_config, tokenizer, state = fresh()
+        check_lengths(cfg, model_config)
         save_run_artifacts(run_dir, model_config, tokenizer, cfg.optim, total_steps, cfg)
         if on_fresh is not None:
             on_fresh()
         meta: dict = {}
     else:
         state, meta = restored
+        check_lengths(cfg, model_config)
         drift = config_drift(meta.get("config", {}), config_lib.to_dict(cfg))
         print(f"[{name}] resuming {run_dir} at step {meta['step']} (epoch {meta['epoch'] + 1}, batch "
               f"{meta.get('batch', 0)})" + ("; config changed: " + "; ".join(drift) if drift else ""), flush=True)
     writer = stack.enter_context(MetricsWriter(run_dir, resume_step=meta.get("step", 0) if meta else None))
     return Run(cfg, name, run_dir, mesh, ckpt, writer, model_config, tokenizer), state, meta
+
+
+def plan_memory(run: Run, phase: str, *, batch: int, seq_len: int, **plan_kwargs: Any) -> None:
+    """Print the per-device memory plan before anything compiles, resolve the `auto` settings
+    (`optim.grad_accum`, `score_microbatches`, `model.remat`) to the smallest values that fit,
+    and refuse a plan that cannot fit with one line naming the settings that would
+    (`memory.MemoryPlanError`, a config error). The device memory is `mesh.device_memory_gib`
+    or what the accelerator reports; on CPU without it the plan is printed, not checked.
+    `run.cfg` and `run.model_config` are updated in place with the resolved values."""
+    from reft_jax import memory
+
+    cfg, mc = run.cfg, run.model_config
+    device = memory.device_memory_bytes(cfg.mesh)
+    accum = cfg.optim.grad_accum
+    micro = getattr(cfg, "score_microbatches", 1)
+    kwargs = {"optim": cfg.optim, "logprob_chunk": cfg.model.logprob_chunk, **plan_kwargs}
+    if "auto" in (accum, micro, mc.remat):
+        choice = memory.resolve_auto(phase, mc, run.mesh, batch=batch, seq_len=seq_len, grad_accum=accum,
+                                     remat=mc.remat, score_microbatches=micro, device_bytes=device, **kwargs)
+        cfg.optim.grad_accum = choice.grad_accum
+        if micro == "auto":
+            cfg.score_microbatches = choice.score_microbatches
+        run.model_config = mc = dataclasses.replace(mc, remat=choice.remat)
+        print(f"[{run.name}] auto: optim.grad_accum={choice.grad_accum}, model.remat={choice.remat}"
+              + (f", score_microbatches={choice.score_microbatches}" if micro == "auto" else ""), flush=True)
+        plan = choice.plan
+    else:
+        plan = memory.plan_run(phase, mc, run.mesh, batch=batch, seq_len=seq_len, score_microbatches=micro,
+                               device_bytes=device, **kwargs)
+    print(f"[{run.name}] memory plan per device\n" + memory.format_plan(plan, device), flush=True)
+    memory.check(plan, device)
+
+
+def use_compile_cache(directory: str) -> str | None:
+    """Turn on JAX's persistent compilation cache in `directory` ($REFT_COMPILE_CACHE wins;
+    "" = off). Programs that took over a second to compile are kept; a resumed run reuses them."""
+    directory = os.environ.get("REFT_COMPILE_CACHE", directory)
+    if not directory:
+        return None
+    path = str(pathlib.Path(directory).expanduser())
+    if jax.config.jax_compilation_cache_dir != path:
+        pathlib.Path(path).mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
+def fit_questions(run: Run, splits: Any) -> Any:
+    """The splits with the training questions whose rollout prefix is longer than
+    `data.max_prompt_len` handled by `data.overlong` (dropped by default; `truncate` keeps the
+    head, as ReFT does), reported in one line. The RL phases' schedule is sized before this
+    (it needs no tokenizer), so a drop leaves the LR schedule slightly longer than the run."""
+    from reft_jax.data.lengths import fit_prompts
+    from reft_jax.data.sources import split_source
+
+    data = run.cfg.data
+    train, report = fit_prompts(run.tokenizer, splits.train, data.engine, data.max_prompt_len, data.overlong,
+                                split_source(data, "train"), data.header_newline)
+    if report.line():
+        print(f"[{run.name}] {report.line()}", flush=True)
+    if len(train) < run.cfg.batch_questions:
+        raise config_lib.ConfigError(f"only {len(train)} training questions fit data.max_prompt_len="
+                                     f"{data.max_prompt_len}", key="batch_questions", value=run.cfg.batch_questions)
+    return dataclasses.replace(splits, train=train)

@@ -42,10 +42,11 @@ from reft_jax.model.config import ModelConfig
 from reft_jax.reward.answers import answer_kind
 from reft_jax.reward.reward import RewardConfig
 from reft_jax.reward.sandbox import SandboxConfig
-from reft_jax.rollout.engine import RolloutEngine, encode_prefixes
+from reft_jax.rollout.engine import RolloutConfig, RolloutEngine, encode_prefixes
 from reft_jax.rollout.sampler import SampleConfig
 from reft_jax.train import loop, sharded
-from reft_jax.train.run import EvalConfig, ModelSpec, RunConfig, build_policy, compute_dtype, open_or_start
+from reft_jax.train.run import (EvalConfig, ModelSpec, RunConfig, build_policy, compute_dtype, from_warmup,
+                                fit_questions, open_or_start, plan_memory, rl_eval, rl_optim)
 from reft_jax.train.sft import SFTConfig, evaluate_splits, eval_executor, run_sft
 from reft_jax.train.sft_step import sequence_nll
 from reft_jax.train.state import (OptimConfig, TrainState, accumulate_gradients, apply_gradients,
@@ -169,7 +170,7 @@ def sample_weights(attention_mask: np.ndarray, prompt_width: int, correct: np.nd
 
 
 def make_onsl_step(config: ModelConfig, tx: optax.GradientTransformation, schedule: Callable,
-                   grad_accum: int = 1, compute_dtype: str | None = None
+                   grad_accum: int = 1, compute_dtype: str | None = None, chunk: int | None = 128
                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """`step(state, batch) -> (state, metrics)`: one update on
     `0.5 * CE(sample tokens) + 0.5 * CE(gold tokens)`, each a token mean over the whole batch.
@@ -187,9 +188,9 @@ def make_onsl_step(config: ModelConfig, tx: optax.GradientTransformation, schedu
             def loss(p):
                 p = cast_for_compute(p, compute_dtype) if compute_dtype else p
                 s_nll, _ = sequence_nll(p, {"tokens": mb["sample_tokens"], "attention_mask": mb["sample_mask"],
-                                            "loss_weights": mb["sample_weights"]}, config)
+                                            "loss_weights": mb["sample_weights"]}, config, chunk)
                 g_nll, _ = sequence_nll(p, {"tokens": mb["gold_tokens"], "attention_mask": mb["gold_mask"],
-                                            "loss_weights": mb["gold_weights"]}, config)
+                                            "loss_weights": mb["gold_weights"]}, config, chunk)
                 # no correct sample: s_nll is 0 and only the gold half (still x 0.5) remains
                 return 0.5 * s_nll / jnp.maximum(n_sample, 1.0) + 0.5 * g_nll / jnp.maximum(n_gold, 1.0)
 
@@ -207,48 +208,28 @@ def make_onsl_step(config: ModelConfig, tx: optax.GradientTransformation, schedu
 # ----------------------------------------------------------------------------------------------
 # Online self-training: the run
 # ----------------------------------------------------------------------------------------------
-def _online_optim() -> OptimConfig:
-    return OptimConfig(lr=3e-7, schedule="constant", warmup_ratio=0.0)
-
-
-def _online_eval() -> EvalConfig:
-    return EvalConfig(max_new_tokens=700, max_total_len=700)
-
-
 @dataclasses.dataclass
-class OnlineConfig(RunConfig):
+class OnlineConfig(RolloutConfig, RunConfig):
     """One OnSL run; defaults are ReFT's (§8.2, §8b): the warm-up checkpoint, 32 questions x 1
     sample per step, 2 updates per step, lr 3e-7 constant, prompts <= 300 and 700 tokens in all,
     greedy test evaluation after every epoch with the best checkpoint kept."""
 
-    model: ModelSpec = dataclasses.field(default_factory=lambda: ModelSpec(step="warmup"))
-    optim: OptimConfig = dataclasses.field(default_factory=_online_optim)
-    eval: EvalConfig = dataclasses.field(default_factory=_online_eval)
+    model: ModelSpec = dataclasses.field(default_factory=from_warmup)
+    optim: OptimConfig = dataclasses.field(default_factory=rl_optim)
+    eval: EvalConfig = dataclasses.field(default_factory=rl_eval)
     sandbox: SandboxConfig = dataclasses.field(default_factory=SandboxConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     epochs: int = 300
-    batch_questions: int = 32
-    n_samples: int = 1
     updates_per_step: int = 2  # ReFT's ppo_epochs, each over the whole batch
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    max_total_len: int = 700
-    max_new_tokens: int | None = None
     gold_max_len: int = 300  # ReFT truncates the gold SFT rows at max_input_length (300)
-    prompt_bucket: int = 32
-    length_bucket: int = 64
     max_steps: int | None = None  # stop this invocation after so many rollout steps
 
     def validate(self) -> None:
         self.validate_run()
-        for name in ("epochs", "batch_questions", "n_samples", "updates_per_step", "gold_max_len",
-                     "prompt_bucket", "length_bucket"):
+        self.validate_rollout(self.data.max_prompt_len)
+        for name in ("epochs", "updates_per_step", "gold_max_len"):
             if getattr(self, name) < 1:
                 raise config_lib.ConfigError("must be >= 1", key=name, value=getattr(self, name))
-        if self.data.max_prompt_len >= self.max_total_len:
-            raise config_lib.ConfigError(f"must be below max_total_len={self.max_total_len}",
-                                         key="data.max_prompt_len", value=self.data.max_prompt_len)
 
 
 @dataclasses.dataclass
@@ -259,6 +240,7 @@ class OnlineTrainer(loop.Trainer):
     cfg: OnlineConfig | None = None
     splits: Any = None
     rollout: RolloutEngine | None = None
+    eval_executor: Any = None  # P-CoT evaluation runs programs with eval.timeout, as SFT's
     make_step: Callable | None = None
     step_fn: Callable | None = None
     timer: Timer = dataclasses.field(default_factory=Timer)
@@ -315,7 +297,7 @@ class OnlineTrainer(loop.Trainer):
 
     def evaluate(self, params, epoch, step):
         """Greedy top-1 with the rollout prefix and the RL length cap."""
-        return evaluate_splits(params, self.run, self.splits, epoch, self.cfg.seed + 1, self.rollout.executor,
+        return evaluate_splits(params, self.run, self.splits, epoch, self.cfg.seed + 1, self.eval_executor,
                                "rollout")
 
 
@@ -345,10 +327,10 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
                                          f"{cfg.eval.select_on}_accuracy", fresh,
                                          on_fresh=lambda: _mark(cfg.run_dir, "online", policy=cfg.model.path,
                                                                 step=cfg.model.step))
+        splits = fit_questions(run, splits)
+        spe = steps_per_epoch(len(splits.train), cfg.batch_questions, drop_last=True)
         ids = special_ids(run.tokenizer)
-        sample_cfg = SampleConfig(max_new_tokens=cfg.max_new_tokens or cfg.max_total_len,
-                                  max_total_len=cfg.max_total_len, temperature=cfg.temperature, top_k=cfg.top_k,
-                                  top_p=cfg.top_p, n=cfg.n_samples, eos_ids=(ids.eos,), pad_id=ids.pad)
+        sample_cfg = cfg.sample_config((ids.eos,), ids.pad)
         executor = None
         if cfg.data.engine == "python":
             from reft_jax.reward.sandbox import ProgramExecutor
@@ -362,11 +344,14 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
             "updates": (total, f"{cfg.epochs} epochs x {cfg.updates_per_step} per step"),
             "sequences/step": (cfg.batch_questions * cfg.n_samples, f"+ {cfg.batch_questions} gold rows"),
         }), flush=True)
+        plan_memory(run, "sft", batch=cfg.rows + cfg.batch_questions, seq_len=cfg.max_total_len)
         make_step = loop.keep_finite(make_onsl_step(run.model_config, tx, make_schedule(cfg.optim, total),
-                                                    cfg.optim.grad_accum, compute_dtype(cfg.optim)))
+                                                    cfg.optim.grad_accum, compute_dtype(cfg.optim),
+                                                    cfg.model.logprob_chunk))
         trainer = OnlineTrainer(name="onsl", run=run, steps_per_epoch=spe, last_epoch=cfg.epochs,
                                 best_name=f"{cfg.eval.select_on}_accuracy", max_steps=cfg.max_steps,
-                                cfg=cfg, splits=splits, rollout=engine, make_step=make_step)
+                                cfg=cfg, splits=splits, rollout=engine, make_step=make_step,
+                                eval_executor=eval_executor(cfg, stack) if splits.test or splits.val else None)
         _, summary = loop.train(trainer, state, meta, stack)
     plot_metrics(run.run_dir)
     return summary

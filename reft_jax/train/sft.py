@@ -21,15 +21,18 @@ from jax.sharding import Mesh
 from reft_jax import config as config_lib
 from reft_jax import parallel
 from reft_jax.checkpoint import Checkpointer
-from reft_jax.data.batches import Encoded, bucket_length, epoch_batches, pad_sft_batch, steps_per_epoch
+from reft_jax.data.batches import (Encoded, bucket_length, bucket_sizes, epoch_batches, pad_sft_batch,
+                                   steps_per_epoch)
 from reft_jax.data.formats import Example
 from reft_jax.data.prompts import encode_sft, special_ids
+from reft_jax.data.lengths import fit_examples
+from reft_jax.data.sources import split_source
 from reft_jax.data.splits import Splits, load_examples, tokenizer_corpus
 from reft_jax.distributed import process_batch_slice
 from reft_jax.metrics import plot_metrics
 from reft_jax.model.config import ModelConfig
 from reft_jax.train import loop, sharded
-from reft_jax.train.run import RunConfig, build_policy, compute_dtype, open_or_start
+from reft_jax.train.run import RunConfig, build_policy, compute_dtype, open_or_start, plan_memory
 from reft_jax.train.sft_step import make_sft_step
 from reft_jax.train.state import make_optimizer, make_schedule, num_warmup_steps
 
@@ -54,7 +57,7 @@ class SFTConfig(RunConfig):
             value = getattr(self, name)
             if value is not None and not 1 <= value <= self.epochs:
                 raise config_lib.ConfigError(f"must be in [1, epochs={self.epochs}]", key=name, value=value)
-        if self.batch_size % self.optim.grad_accum:
+        if self.optim.grad_accum != "auto" and self.batch_size % self.optim.grad_accum:
             raise config_lib.ConfigError(f"must be a multiple of optim.grad_accum={self.optim.grad_accum}",
                                          key="batch_size", value=self.batch_size)
 
@@ -70,6 +73,27 @@ def make_batch(encoded: Sequence[Encoded], indices: Sequence[int], batch_size: i
     items = [encoded[i] for i in indices]
     length = bucket_length(max(len(it.ids) for it in items), bucket, max_len)
     return pad_sft_batch(items, length, pad_id, batch_size)
+
+
+def fit_training_examples(cfg: SFTConfig, tokenizer: Any, train: Sequence[Example],
+                          extra_train: Sequence[Example] = ()) -> list[Encoded]:
+    """The encoded training examples after `data.overlong` (drop | truncate | error) has dealt
+    with those longer than `data.max_len`, each case counted and reported in one line. Extra
+    rows (offline self-training's samples) carry complete targets, encoded verbatim."""
+    parts = []
+    for rows, engine, where in ((train, cfg.data.engine, split_source(cfg.data, "train")),
+                                (extra_train, "python", "self-training samples")):
+        if not rows:
+            continue
+        whole = [encode_sft(tokenizer, ex, engine, None) for ex in rows]
+        kept, report = fit_examples(whole, rows, cfg.data.max_len, cfg.data.overlong, where)
+        if report.line():
+            print(f"[sft] {report.line()}", flush=True)
+        parts += kept
+    if not parts:
+        raise config_lib.ConfigError("no training example fits (see data.overlong)", key="data.max_len",
+                                     value=cfg.data.max_len)
+    return parts
 
 
 def with_lr(step: Callable, schedule: Callable) -> Callable:
@@ -94,6 +118,7 @@ def derived_sizes(cfg: SFTConfig, splits: Splits, encoded: Sequence[Encoded], mo
         "warm-up steps": (num_warmup_steps(cfg.optim, total_steps), cfg.optim.schedule),
         "tokens/step": (int(mean_len * cfg.batch_size), f"mean example {mean_len:.0f} tokens, unpadded"),
         "micro-batch": (cfg.batch_size // cfg.optim.grad_accum, f"grad_accum {cfg.optim.grad_accum}"),
+        "lengths": (str(bucket_sizes(cfg.bucket, cfg.data.max_len)), "the shape buckets: one compile each"),
         "mesh": (str(dict(mesh.shape)), f"{mesh.devices.size} devices"),
         "params": (model_config.num_params(), f"{model_config.num_layers} layers, d {model_config.hidden_size}"),
     }
@@ -188,7 +213,6 @@ def run_sft(cfg: SFTConfig, *, extra_train: Sequence[Example] = (),
     cfg.validate()
     with contextlib.ExitStack() as stack:
         mesh = parallel.build_mesh(cfg.mesh)
-        parallel.check_batch(cfg.batch_size, cfg.optim.grad_accum, mesh)
         splits = load_examples(cfg.data, cfg.seed)
         total_steps = steps_per_epoch(len(splits.train) + len(extra_train), cfg.batch_size) * cfg.epochs
         tx = make_optimizer(cfg.optim, total_steps)
@@ -200,13 +224,13 @@ def run_sft(cfg: SFTConfig, *, extra_train: Sequence[Example] = (),
 
         run, state, meta = open_or_start(cfg, "sft", stack, mesh, total_steps, f"{cfg.eval.select_on}_accuracy",
                                          fresh)
-        encoded = [encode_sft(run.tokenizer, ex, cfg.data.engine, cfg.data.max_len) for ex in splits.train]
-        # extra rows carry complete targets: encoded verbatim (P-CoT's sft_target appends nothing)
-        encoded += [encode_sft(run.tokenizer, ex, "python", cfg.data.max_len) for ex in extra_train]
+        plan_memory(run, "sft", batch=cfg.batch_size, seq_len=cfg.data.max_len)
+        parallel.check_batch(cfg.batch_size, cfg.optim.grad_accum, mesh)
+        encoded = fit_training_examples(cfg, run.tokenizer, splits.train, extra_train)
         print(f"[sft] {run.run_dir}\n" + config_lib.describe_derived(
             derived_sizes(cfg, splits, encoded, run.model_config, mesh, total_steps)), flush=True)
         step_fn = loop.keep_finite(with_lr(make_sft_step(run.model_config, tx, cfg.optim.grad_accum,
-                                                         compute_dtype(cfg.optim)),
+                                                         compute_dtype(cfg.optim), cfg.model.logprob_chunk),
                                            make_schedule(cfg.optim, total_steps)))
         trainer = SFTTrainer(
             name="sft", run=run, steps_per_epoch=steps_per_epoch(len(encoded), cfg.batch_size),

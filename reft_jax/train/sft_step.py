@@ -3,6 +3,8 @@
 Loss = token-mean cross-entropy over target tokens (prompt masked, EOS trained, right padding),
 exactly HF's causal-LM loss over a batch. With gradient accumulation the mean is taken over the
 tokens of the whole global batch, not averaged per micro-batch, so accumulation changes nothing.
+The log-probs go through the chunked head (`model/logprobs.py`): never `[B, T, V]` float32
+logits for a whole micro-batch, recomputed chunk by chunk in the backward pass.
 """
 from __future__ import annotations
 
@@ -12,24 +14,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from reft_jax.model import llama
+from reft_jax.model import llama, logprobs
 from reft_jax.model.config import ModelConfig
 from reft_jax.train.state import (TrainState, accumulate_gradients, apply_gradients, cast_for_compute,
                                    split_microbatches)
 
 
-def sequence_nll(params: Any, batch: dict[str, jax.Array], config: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """(sum of target-token NLL, number of target tokens) for a right-padded batch."""
+def sequence_nll(params: Any, batch: dict[str, jax.Array], config: ModelConfig,
+                 chunk: int | None = logprobs.DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """(sum of target-token NLL, number of target tokens) for a right-padded batch; the head
+    runs over `chunk` positions at a time (None: all at once)."""
     tokens, mask = batch["tokens"], batch["attention_mask"]
-    logits, _, _ = llama.forward(params, tokens, llama.positions_from_mask(mask), mask, config)
+    hidden, _ = llama.hidden_states(params, tokens, llama.positions_from_mask(mask), mask, config)
     targets = jnp.roll(tokens, -1, axis=1)  # position t predicts t+1; the wrapped last column has weight 0
-    logp = llama.token_logprobs(logits, targets)
-    w = batch["loss_weights"].astype(jnp.float32)
-    return -(logp * w).sum(), w.sum()
+    return logprobs.nll_sum(hidden, llama.lm_head_matrix(params, config), targets, batch["loss_weights"],
+                            chunk=chunk)
 
 
 def make_sft_step(config: ModelConfig, tx: optax.GradientTransformation, grad_accum: int = 1,
-                  compute_dtype: str | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                  compute_dtype: str | None = None, chunk: int | None = logprobs.DEFAULT_CHUNK
+                  ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """`step(state, batch) -> (state, metrics)`; batch leaves are [global_batch, T].
 
     The batch is split into `grad_accum` micro-batches (a `lax.scan`: activation memory of one)
@@ -40,7 +44,7 @@ def make_sft_step(config: ModelConfig, tx: optax.GradientTransformation, grad_ac
     def loss_and_grad(params, mb):
         def loss_sum(p):
             p = cast_for_compute(p, compute_dtype) if compute_dtype else p
-            return sequence_nll(p, mb, config)
+            return sequence_nll(p, mb, config, chunk)
 
         (nll, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
         return nll, count, grads

@@ -70,7 +70,7 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.999
     clip_norm: float | None = 1.0
-    grad_accum: int = 1
+    grad_accum: int | str = 1  # or auto: the memory planner picks the smallest that fits
     compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -78,8 +78,8 @@ class OptimConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.grad_accum != "auto" and (not isinstance(self.grad_accum, int) or self.grad_accum < 1):
+            raise ValueError(f"grad_accum must be an int >= 1 or auto, got {self.grad_accum!r}")
 
 
 def num_warmup_steps(cfg: OptimConfig, total_steps: int) -> int:

@@ -29,14 +29,15 @@ from reft_jax.data.batches import epoch_batches, steps_per_epoch
 from reft_jax.data.prompts import COT_TRIGGER, INSTRUCTION, special_ids
 from reft_jax.distributed import process_batch_slice
 from reft_jax.eval import inference
-from reft_jax.eval.verifier import (MARKER, Pair, Verifier, VerifierError, check_policy_tokenizer,  # noqa: F401
+from reft_jax.eval.verifier import (MARKER, Verifier, VerifierError, check_policy_tokenizer,  # noqa: F401
                                     encode_verifier, init_params, make_batch, param_shapes, param_shardings,
                                     rerank, unique_pairs, verifier_logits)
 from reft_jax.metrics import plot_metrics
 from reft_jax.model.config import ModelConfig
 from reft_jax.reward.answers import answer_kind
 from reft_jax.train import loop, sharded
-from reft_jax.train.run import EvalConfig, RunConfig, build_policy, compute_dtype, open_or_start, state_abstract
+from reft_jax.train.run import (EvalConfig, RunConfig, build_policy, compute_dtype, open_or_start, plan_memory,
+                                state_abstract)
 from reft_jax.train.state import (OptimConfig, TrainState, accumulate_gradients, apply_gradients,
                                    cast_for_compute, make_optimizer, make_schedule, split_microbatches)
 
@@ -76,7 +77,6 @@ def make_verifier_step(config: ModelConfig, tx: optax.GradientTransformation, sc
 def load_verifier(run_dir: str | pathlib.Path, mesh: Mesh, step: str = "latest", batch_bucket: int = 64) -> Verifier:
     """A trained verifier from its run directory (`step`: latest | best | <int>)."""
     from reft_jax.model.tokenizer_io import load_tokenizer
-    from reft_jax.checkpoint import checkpoint_step
 
     run_dir = pathlib.Path(run_dir)
     if not (run_dir / MARKER).is_file():
@@ -93,11 +93,8 @@ def load_verifier(run_dir: str | pathlib.Path, mesh: Mesh, step: str = "latest",
     spec = json.loads((run_dir / "state_spec.json").read_text())
     optim = OptimConfig(**spec["optim"])
     with Checkpointer(run_dir / "checkpoints", keep=None, best_metric=info.get("best_metric")) as ckpt:
-        chosen = checkpoint_step(ckpt, step)
-        restored = ckpt.restore(_state_abstract(model_config, optim, spec["total_steps"], mesh), step=chosen)
-    if restored is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint to restore")
-    return Verifier(model_config, restored[0].params, tokenizer, mesh, info["max_len"], batch_bucket)
+        state, _ = ckpt.restore_selected(_state_abstract(model_config, optim, spec["total_steps"], mesh), step)
+    return Verifier(model_config, state.params, tokenizer, mesh, info["max_len"], batch_bucket)
 
 
 def _state_abstract(model_config: ModelConfig, optim: OptimConfig, total_steps: int, mesh: Mesh) -> Any:
@@ -169,7 +166,6 @@ def train_verifier(cfg: VerifierConfig) -> dict[str, Any]:
     """Train (or continue) the verifier of `cfg.run_dir`."""
     cfg.validate()
     mesh = parallel.build_mesh(cfg.mesh)
-    parallel.check_batch(cfg.batch_size, cfg.optim.grad_accum, mesh)
     kind = answer_kind(cfg.data.dataset)
     with contextlib.ExitStack() as stack:
         timeout = cfg.eval.timeout
@@ -205,6 +201,8 @@ def train_verifier(cfg: VerifierConfig) -> dict[str, Any]:
         labels = [p.label for p in pairs]
         pad = special_ids(run.tokenizer).pad
         batch = lambda idx: make_batch(encoded, labels, idx, cfg.batch_size, cfg.bucket, cfg.max_len, pad)  # noqa: E731
+        plan_memory(run, "sft", batch=cfg.batch_size, seq_len=cfg.max_len)
+        parallel.check_batch(cfg.batch_size, cfg.optim.grad_accum, mesh)
         step_fn = loop.keep_finite(make_verifier_step(run.model_config, tx, make_schedule(cfg.optim, total_steps),
                                                       cfg.optim.grad_accum, compute_dtype(cfg.optim)))
         print(f"[verifier] {run_dir}\n" + config_lib.describe_derived({

@@ -264,3 +264,24 @@ def test_smollm2_svamp_pcot_end_to_end(tmp_path, data_dir):
         assert r["train/nonfinite"] == 0 and np.isfinite(r["train/loss"])
         assert sum(r[f"train/exec_{s}"] for s in ("ok", "error", "timeout", "rejected")) == 4
         assert 0 <= r["train/score_mean"] <= 1 and r["train/response_length"] > 0
+
+
+def test_each_program_compiles_once_per_shape_bucket(tmp_path, warmup):
+    """Prompt and sequence widths come from a small fixed set of buckets (printed at start), and
+    a step whose widths were seen before compiles nothing (compile seconds from JAX's events)."""
+    from reft_jax.data.batches import bucket_sizes
+
+    cfg = ppo_cfg(tmp_path, warmup, "epochs=1", "batch_questions=16", "n_samples=2", "mini_batch_size=32",
+                  "ppo_epochs=1", "max_steps=10", "eval_at_start=false")
+    run_ppo(cfg)
+    recs = train_records(tmp_path)
+    prompts = bucket_sizes(cfg.prompt_bucket, cfg.data.max_prompt_len)
+    lengths = {p + c for p in prompts for c in bucket_sizes(cfg.length_bucket, cfg.max_new_tokens)}
+    seen = set()
+    for r in recs:
+        key = (r["train/prompt_width"], r["train/seq_width"])
+        assert key[0] in prompts and key[1] in lengths, key
+        if key in seen:
+            assert r["train/compile_seconds"] == 0.0, (r["step"], key)
+        seen.add(key)
+    assert recs[0]["train/compile_seconds"] > 0 and len(recs) == 10 and len(seen) < len(recs)

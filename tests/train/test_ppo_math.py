@@ -444,10 +444,10 @@ def test_compute_advantages_float32_jit_matches_reference():
     scores, old_lp, ref_lp, values = random_model_outputs(12, B, L)
     ref = ref_rollout(tokens, P, (2, 7), scores, old_lp, ref_lp, values, 0.05, 1.0, 0.95)
     f = jax.jit(pm.compute_advantages, static_argnames=("eos_ids", "kl_estimator", "kl_in_reward",
-                                                       "estimator", "group_size", "whiten_advantages"))
+                                                       "advantage_estimator", "group_size", "whiten_advantages"))
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     out = f(jnp.asarray(tokens), jnp.asarray(P), f32(scores), f32(pad_last(old_lp)), f32(pad_last(ref_lp)),
-            f32(values), eos_ids=(2, 7), beta=0.05)
+            f32(values), eos_ids=(2, 7), kl_coef=0.05)
     np.testing.assert_array_equal(np.asarray(out.mask), ref["mask"])
     for name, want in (("score_rewards", ref["score"]), ("kl", ref["kl"]), ("rewards", ref["rew"]),
                        ("values", ref["val"]), ("raw_advantages", ref["adv"]), ("returns", ref["ret"])):
@@ -456,7 +456,7 @@ def test_compute_advantages_float32_jit_matches_reference():
     np.testing.assert_allclose(np.asarray(out.advantages), want_adv, rtol=1e-5, atol=1e-5)
     # GRPO through the same entry point: group-normalised sequence scores, no whitening.
     out_g = f(jnp.asarray(tokens), jnp.asarray(P), f32(scores), f32(pad_last(old_lp)), f32(pad_last(ref_lp)),
-              f32(values), eos_ids=(2, 7), beta=0.0, estimator="grpo", group_size=4, whiten_advantages=False)
+              f32(values), eos_ids=(2, 7), kl_coef=0.0, advantage_estimator="grpo", group_size=4, whiten_advantages=False)
     s = scores.reshape(2, 4)
     want = ((s - s.mean(1, keepdims=True)) / (s.std(1, ddof=1, keepdims=True) + 1e-4)).reshape(-1)
     np.testing.assert_allclose(np.asarray(out_g.advantages), want[:, None] * ref["mask"], rtol=1e-5, atol=1e-5)

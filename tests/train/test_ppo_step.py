@@ -21,7 +21,8 @@ from reft_jax.train.state import OptimConfig, TrainState, apply_gradients, make_
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8)
 PAD, EOS = 0, 2
-STEP = ps.PPOStepConfig(eos_ids=(EOS,))
+STEP = ps.PPOAlgoConfig()  # ReFT's objective, passed whole as the trainer passes its PPOConfig
+EOS_IDS = (EOS,)
 
 
 def _rollout(B=8, P=5, L=16, seed=0) -> dict[str, np.ndarray]:
@@ -52,8 +53,8 @@ def _params(seed=0):
 def _ppo_batch(params, ref, rollout, cfg=STEP, seed=0):
     scores = jnp.asarray(np.random.default_rng(seed).choice([0.0, 0.1, 1.0], len(rollout["tokens"])),
                          jnp.float32)
-    scored = jax.jit(lambda p, r, ro: ps.score_pass(p, r, ro, CFG, cfg))(params, ref, rollout)
-    batch, stats = jax.jit(lambda s, ro, sc: ps.assemble(s, ro, sc, cfg))(scored, rollout, scores)
+    scored = jax.jit(lambda p, r, ro: ps.score_pass(p, r, ro, CFG, cfg, eos_ids=EOS_IDS))(params, ref, rollout)
+    batch, stats = jax.jit(lambda s, ro, sc: ps.assemble(s, ro, sc, cfg, eos_ids=EOS_IDS))(scored, rollout, scores)
     return scored, batch, stats
 
 
@@ -91,13 +92,18 @@ TX = make_optimizer(OptimConfig(lr=1e-2, schedule="constant"), 10)
 
 
 @functools.cache
-def _loss_and_grads(cfg: ps.PPOStepConfig):
-    return jax.jit(ps.make_loss_and_grads(CFG, cfg))
+def _loss_and_grads(cfg_items: tuple, grad_accum: int = 1):
+    return jax.jit(ps.make_loss_and_grads(CFG, ps.PPOAlgoConfig(**dict(cfg_items)), grad_accum=grad_accum))
 
 
 @functools.cache
-def _update(cfg: ps.PPOStepConfig):
-    return jax.jit(ps.make_ppo_update(CFG, TX, cfg))
+def _update(cfg_items: tuple, grad_accum: int = 1):
+    return jax.jit(ps.make_ppo_update(CFG, TX, ps.PPOAlgoConfig(**dict(cfg_items)), grad_accum=grad_accum))
+
+
+def items(cfg: ps.PPOAlgoConfig) -> tuple:
+    """A hashable key of a config (the compiled steps are cached per config)."""
+    return tuple(sorted(dataclasses.asdict(cfg).items()))
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +125,8 @@ def test_score_pass_is_a_full_forward_in_the_action_convention(rollout_batch):
     np.testing.assert_allclose(scored["logp_ref"], pm.token_logprobs(ref_logits, ro["tokens"]) * m, atol=1e-5)
     np.testing.assert_allclose(stats["entropy"], pm.entropy_from_logits(logits, m), rtol=1e-5)
     # Row blocks (memory) change nothing.
-    blocked = jax.jit(lambda p, r, x: ps.score_pass(p, r, x, CFG, dataclasses.replace(STEP, score_microbatches=4)))(
-        params, ref, ro)
+    blocked = jax.jit(lambda p, r, x: ps.score_pass(p, r, x, CFG, dataclasses.replace(STEP, score_microbatches=4),
+                                                    eos_ids=EOS_IDS))(params, ref, ro)
     _assert_trees_close(blocked, scored, atol=1e-6)
     # The batch is compute_advantages on the score pass; row 0 (no EOS) runs to L-2.
     assert batch["mask"][0, -2] == 1 and batch["mask"][0, -1] == 0
@@ -131,24 +137,24 @@ def test_sampler_logprobs_option_replaces_only_the_old_logprobs(rollout_batch):
     params, _, ro, _, _, _ = rollout_batch
     ro = dict(ro, sampler_logp=np.full(ro["tokens"].shape, -0.5, np.float32))
     cfg = dataclasses.replace(STEP, sampler_logprobs=True)
-    scored = jax.jit(lambda p, x: ps.score_pass(p, p, x, CFG, cfg))(params, ro)
+    scored = jax.jit(lambda p, x: ps.score_pass(p, p, x, CFG, cfg, eos_ids=EOS_IDS))(params, ro)
     m = np.asarray(pm.action_mask(jnp.asarray(ro["tokens"]), ro["prompt_len"], (EOS,)))
     np.testing.assert_allclose(scored["logp_old"], -0.5 * m)
     np.testing.assert_allclose(scored["values"], _forward(params, ro)[1], atol=1e-5)
 
 
-ACCUM = dataclasses.replace(STEP, grad_accum=4)
+ACCUM = 4  # microbatches of the update
 
 
 @pytest.mark.parametrize("loss_agg", ["seq_mean_token_mean", "token_mean"])
 def test_update_loss_and_grads_equal_direct_composition_and_accumulate_exactly(rollout_batch, loss_agg):
     """jax.grad of pg + vf_coef * vf written out directly on the whole minibatch == the step's
     exact accumulation over 4 strided microbatches: loss, gradients and token-weighted metrics."""
-    cfg = dataclasses.replace(ACCUM, loss_agg=loss_agg)
+    cfg = dataclasses.replace(STEP, loss_agg=loss_agg)
     params, _, _, _, batch, _ = rollout_batch
     theta = _perturbed(params)
     want_loss, want_g = _direct_grad(theta, batch, cfg)
-    loss, grads, met = _loss_and_grads(cfg)(theta, batch)
+    loss, grads, met = _loss_and_grads(items(cfg), ACCUM)(theta, batch)
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
     _assert_trees_close(grads, want_g, rtol=1e-4, atol=1e-6)
     assert 0 < float(met["pg_clipfrac"]) < 1  # the perturbation really exercises the clip
@@ -172,21 +178,21 @@ def updated(rollout_batch):
     """One update from perturbed params (single device): (state before, state after, metrics)."""
     params, _, _, _, batch, _ = rollout_batch
     state = TrainState.create(_perturbed(params), TX, jax.random.key(0))
-    new, met = _update(ACCUM)(state, batch)
+    new, met = _update(items(STEP), ACCUM)(state, batch)
     return state, new, met
 
 
 def test_update_step_applies_the_optimizer_and_skips_nonfinite_losses(rollout_batch, updated):
     _, _, _, _, batch, _ = rollout_batch
     state, new, met = updated
-    _, grads, _ = _loss_and_grads(ACCUM)(state.params, batch)
+    _, grads, _ = _loss_and_grads(items(STEP), ACCUM)(state.params, batch)
     want = apply_gradients(state, grads, TX)
     _assert_trees_close(new.params, want.params, rtol=1e-6, atol=1e-7)
     assert int(new.step) == 1 and int(met["nonfinite"]) == 0
     np.testing.assert_allclose(float(met["grad_norm"]), float(optax.global_norm(grads)), rtol=1e-5)
     # A NaN anywhere in the loss: no update at all, and the flag is raised.
     bad = dict(batch, advantages=batch["advantages"].at[1, 6].set(jnp.nan))
-    same, met = _update(ACCUM)(state, bad)
+    same, met = _update(items(STEP), ACCUM)(state, bad)
     assert int(met["nonfinite"]) == 1 and int(same.step) == 0
     _assert_trees_close(same.params, state.params, rtol=0, atol=0)
 
@@ -210,14 +216,15 @@ def test_step_on_8_devices_equals_one_device(rollout_batch, updated):
     params, ref, ro, scored1, batch1, stats1 = rollout_batch
     state1, new1, met1 = updated
     mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
-    cfg = dataclasses.replace(STEP, grad_accum=2, score_microbatches=2)
+    cfg = dataclasses.replace(STEP, score_microbatches=2)
     shard = lambda tree: sharded.place(jax.device_get(tree), mesh)  # noqa: E731
     p8 = jax.device_put(jax.device_get(params), llama.param_shardings(CFG, mesh))
     r8 = jax.device_put(jax.device_get(ref), llama.param_shardings(CFG, mesh))
     ro8 = parallel.shard_batch(ro, mesh)
     scores = jnp.asarray(np.random.default_rng(0).choice([0.0, 0.1, 1.0], len(ro["tokens"])), jnp.float32)
-    scored = jax.jit(lambda p, r, x: ps.score_pass(p, r, x, CFG, cfg))(p8, r8, ro8)
-    batch, stats = jax.jit(lambda s, x, sc: ps.assemble(s, x, sc, cfg))(scored, ro8, parallel.shard_batch(scores, mesh))
+    scored = jax.jit(lambda p, r, x: ps.score_pass(p, r, x, CFG, cfg, eos_ids=EOS_IDS))(p8, r8, ro8)
+    batch, stats = jax.jit(lambda s, x, sc: ps.assemble(s, x, sc, cfg, eos_ids=EOS_IDS))(
+        scored, ro8, parallel.shard_batch(scores, mesh))
     assert batch["advantages"].sharding.spec[0] == ("data", "fsdp")
     _assert_trees_close(batch, batch1, rtol=1e-4, atol=2e-5)
     for k in stats1:
@@ -225,7 +232,7 @@ def test_step_on_8_devices_equals_one_device(rollout_batch, updated):
     state = shard(state1)
     state = state.replace(params=jax.device_put(jax.device_get(state1.params), llama.param_shardings(CFG, mesh)))
     state = sharded.place(TrainState.create(state.params, TX, jax.random.key(0)), mesh)
-    new, met = sharded.jit_step(ps.make_ppo_update(CFG, TX, cfg), state, batch, mesh)(state, batch)
+    new, met = sharded.jit_step(ps.make_ppo_update(CFG, TX, cfg, grad_accum=2), state, batch, mesh)(state, batch)
     for k in met1:
         np.testing.assert_allclose(met[k], met1[k], rtol=2e-4, atol=1e-5, err_msg=k)
     _assert_trees_close(new.params, new1.params, rtol=1e-4, atol=1e-5)

@@ -21,7 +21,8 @@ from reft_jax.data.batches import Encoded
 from reft_jax.data.synthetic import SyntheticConfig, generate
 from reft_jax.metrics import read_metrics
 from reft_jax.train.run import load_run_params
-from reft_jax.train.sft import SFTConfig, guard_step, make_batch, run_sft
+from reft_jax.train.loop import keep_finite
+from reft_jax.train.sft import SFTConfig, make_batch, run_sft, with_lr
 from reft_jax.train.loop import TrainingDiverged
 from reft_jax.data.splits import load_examples, split_validation
 from reft_jax.train.state import TrainState
@@ -106,11 +107,11 @@ def test_skip_policy_keeps_the_state_on_a_non_finite_loss():
         return state.replace(step=state.step + 1), {"loss": batch, "grad_norm": jnp.float32(1)}
 
     state = TrainState(params={"w": jnp.ones(2)}, opt_state=(), step=jnp.int32(0), rng=jax.random.key(0))
-    guarded = jax.jit(guard_step(step, lambda c: 0.1 * c, "skip"))
+    guarded = jax.jit(keep_finite(with_lr(step, lambda c: 0.1 * c)))
     new, m = guarded(state, jnp.float32(jnp.nan))
-    assert int(new.step) == 0 and int(m["skipped"]) == 1
+    assert int(new.step) == 0 and int(m["nonfinite"]) == 1
     new, m = guarded(state, jnp.float32(2.0))
-    assert int(new.step) == 1 and int(m["skipped"]) == 0 and float(m["lr"]) == 0.0
+    assert int(new.step) == 1 and int(m["nonfinite"]) == 0 and float(m["lr"]) == 0.0
 
 
 def test_load_examples_cuts_prefixes_and_val(tmp_path):
