@@ -130,7 +130,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     try:
         result = ev.evaluate(params, model_config, tokenizer, rows, data_cfg, eval_cfg,
                              jax.random.key(args.seed), mesh, executor, vote_k=args.vote,
-                             prefix=args.prefix, show_progress=True)
+                             prefix=args.prefix, show_progress=True, clean_up_spaces=eval_cfg.clean_up_spaces)
         if strategy == "rerank":
             from reft_jax.train.verifier import evaluate_rerank
 

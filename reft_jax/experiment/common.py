@@ -71,7 +71,8 @@ def evaluate_checkpoints(mesh_cfg: Any, data: Any, policies: Mapping[str, Policy
         for name, policy in policies.items():
             model_config, params, tokenizer, meta = load_run_params(policy.run_dir, policy.selector, mesh)
             result = evaluate(params, model_config, tokenizer, test, data, policy.eval, jax.random.key(seed), mesh,
-                              executor, vote_k=vote_k, prefix=policy.prefix)
+                              executor, vote_k=vote_k, prefix=policy.prefix,
+                              clean_up_spaces=policy.eval.clean_up_spaces)
             out[name] = {"metrics": result["metrics"], "predictions": result["predictions"],
                          "meta": {k: v for k, v in meta.items() if k != "config"}}
             del params

@@ -77,6 +77,7 @@ class EvalConfig:
     vote_top_k: int = 50  # HF default, as ReFT's sampling runs
     select_on: str = "test"  # metric split for the best checkpoint: test (as the paper) | val
     timeout: float = 10.0  # seconds per program (P-CoT)
+    clean_up_spaces: bool = True  # ReFT's evaluation decodes with clean_up_tokenization_spaces=True
 
     def validate(self) -> None:
         if self.select_on not in ("test", "val"):

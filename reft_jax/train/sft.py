@@ -136,7 +136,8 @@ def evaluate_splits(params: Any, run: Any, splits: Splits, epoch: float, seed: i
             continue
         rng = jax.random.fold_in(jax.random.key(seed), int(epoch))  # not from the state: eval
         result = ev.evaluate(params, run.model_config, run.tokenizer, rows, cfg.data, cfg.eval, rng,
-                             run.mesh, executor, vote_k=cfg.eval.vote_k, prefix=prefix)
+                             run.mesh, executor, vote_k=cfg.eval.vote_k, prefix=prefix,
+                             clean_up_spaces=cfg.eval.clean_up_spaces)
         if jax.process_index() == 0:
             ev.write_predictions(run.run_dir / "eval" / f"epoch{int(epoch):03d}_{name}.jsonl", result["predictions"])
         out.update({f"{name}_{k}": float(v) for k, v in result["metrics"].items()})
