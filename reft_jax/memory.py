@@ -79,8 +79,8 @@ _FORWARD_LAYER = 0.5  # forward only (score pass, prefill): one layer's transien
 _LOGITS_SFT = 15.5  # SFT loss over whole-vocabulary logits (log_softmax + take + backward)
 _LOGITS_PPO = 12.0  # PPO update (logsumexp + take + backward)
 _LOGITS_SCORE = 19.5  # score pass: logits + log-prob + entropy, no backward
-_CHUNK_TRAIN = 4.5  # chunked head (`model/logprobs.py`), per chunk logits element, with backward
-_CHUNK_SCORE = 4.0  # chunked head in the score pass (entropy included)
+_CHUNK_TRAIN = 2.0  # chunked head (`model/logprobs.py`), per chunk logits element, with backward (refitted with the head in every training program)
+_CHUNK_SCORE = 1.5  # chunked head in the score pass (entropy included)
 _ROLLOUT_BYTES = 45  # per rollout token: tokens, masks, scored arrays, the assembled PPO batch
 _SFT_BATCH_BYTES = 9  # per token: int32 tokens, bool mask, f32 loss weights
 

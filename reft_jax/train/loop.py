@@ -298,7 +298,7 @@ def train(trainer: Trainer, state: Any, meta: dict, stack: Any,
             metrics_now = evaluate(at) if eval_now else {}
             if save_now:
                 if not bool(all_finite(state.params)):  # a finite loss does not prove finite params
-                    log.diverged("non-finite params after", _Pending(step, epoch, bi, {}, 0.0))
+                    log.diverged("non-finite params after the update", _Pending(step, epoch, bi, {}, 0.0))
                 meta = {"step": step, "epoch": epoch + 1 if end else epoch, "batch": 0 if end else bi + 1,
                         "epoch_end": epoch + 1 if end else None, "best": best, "eval": last_eval,
                         "history": history, "config": config_lib.to_dict(cfg)}

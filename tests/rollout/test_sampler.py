@@ -228,7 +228,7 @@ def test_max_total_len_caps_the_batch_budget(params):
                            dataclasses.replace(capped, max_total_len=6))
     assert not np.asarray(none.completion_mask).any()
     assert sampling.completion_budget(mask, SampleConfig(max_new_tokens=50, max_total_len=19)) == (13, 50)
-    assert sampling.completion_budget(mask, SampleConfig(max_new_tokens=1000, max_total_len=700)) == (694, 704)
+    assert sampling.completion_budget(mask, SampleConfig(max_new_tokens=1000, max_total_len=700)) == (694, 768)
 
 
 def test_n_samples_are_contiguous_and_dummy_rows_emit_pad(params):

@@ -127,7 +127,7 @@ def test_metrics_rows_of_redone_steps_are_dropped(tmp_path):
         w.write(4, {"accuracy": 0.5}, prefix="eval")
     with MetricsWriter(tmp_path, tensorboard=False, resume_step=3) as w:
         w.write(4, {"loss": 40.0}, prefix="train")
-    rows = read_metrics(tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
     train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
     assert train == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
     assert not any("eval/accuracy" in r for r in rows)
@@ -161,6 +161,6 @@ def test_ctrl_c_says_where_to_resume_and_the_resumed_run_ends_as_an_uninterrupte
     assert "Traceback" not in err
     resumed = reft(*args, f"run_dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = read_metrics(tmp_path / "full"), read_metrics(run_dir)
+    a, b = read_metrics(tmp_path / "full" / "metrics.jsonl"), read_metrics(run_dir / "metrics.jsonl")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time",) and "per_s" not in k} for r in rows]  # noqa: E731
     assert strip(a) == strip(b)  # every step once, with the same values

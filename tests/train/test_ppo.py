@@ -209,8 +209,8 @@ def test_killed_run_resumes_bitwise_exactly(warmup, resume_reference, tmp_path):
 
 
 @pytest.mark.parametrize("poison_after,message,last_good", [
-    (5, r"non-finite PPO loss .* at step 6 \(epoch 2, batch 3/3\)", [2, 3, 4]),
-    (3, r"non-finite params after step 3 \(epoch 1, batch 3/3\)", [2])])
+    (5, r"non-finite loss .* at step 6 \(epoch 2, batch 3/3\)", [2, 3, 4]),
+    (3, r"non-finite params after the update at step 3 \(epoch 1, batch 3/3\)", [2])])
 def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(warmup, tmp_path, poison_after,
                                                                            message, last_good):
     """(5): the next step's loss is NaN, the update is skipped and the run stops. (3): the params

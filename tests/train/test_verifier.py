@@ -24,6 +24,7 @@ from reft_jax.data.tokenizer import train_tokenizer
 from reft_jax.model import llama
 from reft_jax.model.config import ModelConfig
 from reft_jax.reward.answers import extract_nl, is_correct
+from reft_jax.eval import verifier as EV
 from reft_jax.train import verifier as V
 
 SYN = SyntheticConfig(num_train=240, num_test=4, start_range=(2, 9), operand_range=(2, 4), max_value=9,
@@ -85,7 +86,7 @@ def test_params_are_backbone_plus_bias_free_head(tiny_params):
     params = tiny_params
     assert set(params) == {"backbone", "head"} and "value_head" not in params["backbone"]
     assert set(params["head"]) == {"kernel"} and params["head"]["kernel"].shape == (32, 2)
-    big = V.init_head(jax.random.key(2), 4096)["kernel"]
+    big = EV.init_head(jax.random.key(2), 4096)["kernel"]
     assert abs(float(jnp.std(big)) - 0.02) < 1e-3 and abs(float(jnp.mean(big))) < 1e-3
     shapes = jax.tree.map(lambda x: (x.shape, x.dtype), V.param_shapes(TINY_MODEL))
     assert shapes == jax.tree.map(lambda x: (x.shape, x.dtype), params)
@@ -96,7 +97,7 @@ def test_logits_read_the_last_real_token_of_right_padded_rows(tiny_params):
     rows = [rng.integers(4, 64, n).astype(np.int32) for n in (5, 9, 3)]
     batch = V.make_batch(rows, [1, 0, 1], [0, 1, 2], batch_size=4, bucket=16, max_len=64, pad_id=0)
     assert batch["tokens"].shape == (4, 16) and batch["weights"].tolist() == [1, 1, 1, 0]
-    assert V.last_token_index(batch["attention_mask"]).tolist() == [4, 8, 2, 0]
+    assert EV.last_token_index(batch["attention_mask"]).tolist() == [4, 8, 2, 0]
     logits = logits_fn(tiny_params, batch["tokens"], batch["attention_mask"])
     alone = logits_fn(tiny_params, rows[0][None], np.ones((1, 5), bool))  # unpadded
     np.testing.assert_allclose(logits[0], alone[0], atol=1e-5)
