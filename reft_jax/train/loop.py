@@ -227,7 +227,7 @@ class _Log:
         if not (bad or host.get("nonfinite", 0)):
             what = self.collapse.symptom(rec)
             if what is not None:
-                self.diverged(f"collapsed: {what} for {self.collapse.cfg.window} steps up to", item)
+                self.diverged(f"collapsed: {what} for {self.collapse.cfg.window} steps", item)
         self.bar.update(1)
         self.bar.set_postfix(**self.t.postfix(rec), refresh=False)
 
@@ -309,8 +309,9 @@ def train(trainer: Trainer, state: Any, meta: dict, stack: Any,
             log.restart_clock()
         log.flush()
     except KeyboardInterrupt:
+        # no wait for a save the interrupt may have cut short: a half-written step has no commit
+        # marker, and resuming removes it
         log.pending = None
-        run.ckpt.wait()
         where = f"step {saved[0]}" if saved[0] is not None else "the start"
         raise TrainingInterrupted(
             f"interrupted at step {step}; nothing half-written. Run the same command to resume from {where} "

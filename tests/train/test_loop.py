@@ -1,13 +1,11 @@
 """The one training loop: the same divergence policy, message, exit status and kept checkpoint
-from every trainer's command; the collapse guard; Ctrl-C; metrics rows once after a resume."""
+from every trainer's command; the collapse guard; metrics rows once after a resume."""
 import json
 import os
 import pathlib
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -70,10 +68,13 @@ def commands(tmp: pathlib.Path, sft: pathlib.Path, samples: pathlib.Path) -> dic
         "ppo": (["ppo", "--config", str(cfgs / "ppo_synthetic_tiny.yaml"), f"run_dir={tmp / 'ppo'}",
                  f"model.path={sft}", *DATA, *EVAL, "epochs=1", "batch_questions=8", "n_samples=2",
                  "mini_batch_size=16", "ppo_epochs=1", "max_new_tokens=8", "max_total_len=96",
-                 "eval_at_start=false", *BLOW_UP], tmp / "ppo"),
+                 # the loaded (random) value head: a non-zero value loss, so the first update moves
+                 # the params even when every reward is 0
+                 "value_head_init=torch_default", "vf_coef=5.0", "eval_at_start=false", *BLOW_UP], tmp / "ppo"),
         "selftrain online": (["selftrain", "--mode", "online", "--config", str(cfgs / "selftrain_synthetic_tiny.yaml"),
                               f"online.run_dir={tmp / 'online'}", f"online.model.path={sft}",
                               *(f"online.{o}" for o in DATA + EVAL + BLOW_UP), "online.epochs=1",
+                              "online.updates_per_step=1",
                               "online.batch_questions=8", "online.max_new_tokens=8", "online.max_total_len=96"],
                              tmp / "online"),
         "rerank train": (["rerank", "train", "--config", str(cfgs / "verifier_synthetic_tiny.yaml"),
@@ -98,7 +99,7 @@ def test_every_trainer_diverges_the_same_way(tmp_path, sft_run, samples_file):
         assert proc.returncode == 1, f"{name}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
         assert "Traceback" not in proc.stderr, f"{name}:\n{proc.stderr[-3000:]}"
         m = LINE.match(last)
-        assert m and m["cmd"] == name, f"{name}: {last!r}"
+        assert m and m["cmd"] == name.replace(" online", ""), f"{name}: {last!r}"
         step, good = int(m["step"]), int(m["good"])
         assert good == step - 1 and pathlib.Path(m["dir"]) == run_dir / "checkpoints"
         assert steps_on_disk(run_dir)[-1] == good  # nothing saved at or after the bad step
@@ -117,7 +118,7 @@ def test_collapse_guard_stops_a_dead_run(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert re.match(r"reft sft: training diverged: collapsed: (gradient norm below|loss at ln\(vocab\)).* for 3 steps "
-                    r"up to step \d+ .*The last good checkpoint is step \d+", last), last
+                    r"at step \d+ .*The last good checkpoint is step \d+", last), last
 
 
 def test_metrics_rows_of_redone_steps_are_dropped(tmp_path):
@@ -131,36 +132,3 @@ def test_metrics_rows_of_redone_steps_are_dropped(tmp_path):
     train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
     assert train == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
     assert not any("eval/accuracy" in r for r in rows)
-
-
-@pytest.mark.slow
-def test_ctrl_c_says_where_to_resume_and_the_resumed_run_ends_as_an_uninterrupted_one(tmp_path):
-    args = ["sft", "--config", str(REPO / "experiments/configs/sft_synthetic_tiny.yaml"), *SCRATCH, *DATA, *EVAL,
-            "epochs=3", "warmup_epoch=1", "batch_size=8", "bucket=128", "data.max_test_examples=0",
-            "save_every_steps=2"]
-    full = reft(*args, f"run_dir={tmp_path / 'full'}")
-    assert full.returncode == 0, full.stderr[-2000:]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "TQDM_DISABLE": "1",
-           "PYTHONPATH": str(REPO)}
-    run_dir = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "reft_jax.cli", *args, f"run_dir={run_dir}"], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (run_dir / "checkpoints").is_dir() or not steps_on_disk(run_dir):
-        time.sleep(0.2)
-        if proc.poll() is not None:
-            break
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the interrupt landed")
-    assert proc.returncode == 130, err[-2000:]
-    last = err.strip().splitlines()[-1]
-    assert re.match(r"reft sft: interrupted: interrupted at step \d+; nothing half-written\. Run the same command "
-                    r"to resume from step \d+", last), last
-    assert "Traceback" not in err
-    resumed = reft(*args, f"run_dir={run_dir}")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = read_metrics(tmp_path / "full" / "metrics.jsonl"), read_metrics(run_dir / "metrics.jsonl")
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time",) and "per_s" not in k} for r in rows]  # noqa: E731
-    assert strip(a) == strip(b)  # every step once, with the same values
