@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> dict:
     overrides = [
         f"run_dir={run_dir}", f"model.path={model_path}", "model.step=latest",
         f"data.dataset={args.dataset}", f"data.engine={args.engine}",
-        f"data.max_train_examples={args.questions * (args.steps + 1)}", "data.max_test_examples=0",
+        f"data.max_train_examples={args.questions * (args.steps + 1)}", "data.max_test_examples=0", "data.overlong=truncate",
         f"batch_questions={args.questions}", f"max_total_len={args.max_total_len}", "epochs=1",
         f"max_steps={args.steps}", f"profile_sync={str(args.sync).lower()}", "mesh.fsdp=-1",
         f"optim.compute_dtype={args.dtype}", f"score_microbatches={args.score_microbatches}",

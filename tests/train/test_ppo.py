@@ -243,7 +243,7 @@ def test_one_step_on_8_devices_equals_one_device(warmup, tmp_path):
         np.testing.assert_allclose(eight[0][f"train/{key}"], one[0][f"train/{key}"], rtol=1e-3, atol=1e-5,
                                    err_msg=key)
     for a, b in zip(jax.tree.leaves(eight[1]), jax.tree.leaves(one[1]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)  # sharded matmuls sum in another order
 
 
 @pytest.mark.slow
