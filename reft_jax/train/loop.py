@@ -174,7 +174,6 @@ class _Pending:
     epoch: int
     batch: int
     metrics: dict
-    started: float
     compiled: float = 0.0  # seconds XLA spent compiling while this step was dispatched
 
 
@@ -278,14 +277,14 @@ def train(trainer: Trainer, state: Any, meta: dict, stack: Any,
     every_steps = getattr(cfg.eval, "every_steps", 0)
     try:
         for i, (epoch, bi) in enumerate(positions):
-            started, compiled = time.perf_counter(), CompileLog.seconds
+            compiled = CompileLog.seconds
             upcoming = positions[i + 1] if i + 1 < len(positions) else None
             state, metrics = trainer.step(state, step, epoch, bi, upcoming)
             compiled = CompileLog.seconds - compiled
             step += 1
             if after_step is not None:
                 state = after_step(step, state) or state
-            log.push(_Pending(step, epoch, bi, metrics, started, compiled))
+            log.push(_Pending(step, epoch, bi, metrics, compiled))
             end = bi == trainer.steps_per_epoch - 1
             eval_now = trainer.has_eval() and (
                 (end and ((epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == trainer.last_epoch))
@@ -298,7 +297,7 @@ def train(trainer: Trainer, state: Any, meta: dict, stack: Any,
             metrics_now = evaluate(at) if eval_now else {}
             if save_now:
                 if not bool(all_finite(state.params)):  # a finite loss does not prove finite params
-                    log.diverged("non-finite params after the update", _Pending(step, epoch, bi, {}, 0.0))
+                    log.diverged("non-finite params after the update", _Pending(step, epoch, bi, {}))
                 meta = {"step": step, "epoch": epoch + 1 if end else epoch, "batch": 0 if end else bi + 1,
                         "epoch_end": epoch + 1 if end else None, "best": best, "eval": last_eval,
                         "history": history, "config": config_lib.to_dict(cfg)}
