@@ -67,7 +67,7 @@ RANGES: dict[str, str] = {
     "ModelConfig.rope_theta": "> 0",
     "ModelConfig.rms_norm_eps": "> 0",
     "ModelConfig.max_position_embeddings": ">= 1",
-    "EvalConfig.every_epochs": ">= 1",
+    "EvalConfig.every_epochs": ">= 0",  # 0: only every_steps and after the last epoch
     "EvalConfig.every_steps": ">= 0",
     "EvalConfig.batch_size": ">= 1",
     "EvalConfig.max_new_tokens": ">= 1",
@@ -85,6 +85,7 @@ RANGES: dict[str, str] = {
     "SFTConfig.stop_after_epoch": ">= 1",
     "SFTConfig.batch_size": ">= 1",
     "SFTConfig.bucket": ">= 1",
+    "SFTConfig.loss_group": ">= 1",
     "SFTConfig.warmup_epoch": ">= 1",
     # rollouts, shared by PPO and online self-training (rollout/engine.py RolloutConfig)
     "RolloutConfig.batch_questions": ">= 1",

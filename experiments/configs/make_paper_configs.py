@@ -27,13 +27,16 @@ ROWS = [
     ("mathqa-numeric", "nl", 10, 0.01),
 ]
 
+OFFLINE_EVAL_STEPS = {"gsm8k": 175, "mathqa-numeric": 175, "svamp": 90, "mathqa": 350}
+
 # 8 devices, FSDP over all of them, bf16 compute with float32 master params, remat (docs/scaling.md).
 BIG = {
     "model_path": "hf_models/CodeLlama-7b-hf",
     "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
     "model": {"remat": True},
     "compute_dtype": "bfloat16",
-    "sft": {"lr": 1e-5, "epochs": 40, "batch": 48, "grad_accum": 2},
+    # loss_group 3: ReFT's SFT loss is the mean of its per-GPU micro-batch (3 examples) token means
+    "sft": {"lr": 1e-5, "epochs": 40, "batch": 48, "grad_accum": 2, "loss_group": 3},
     "ppo": {"lr": 3e-7, "epochs": 300, "questions": 32, "vf_coef": 5.0},
     "offline_epochs": 20,
 }
@@ -42,7 +45,7 @@ SMALL = {
     "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
     "model": {"remat": False},
     "compute_dtype": "float32",
-    "sft": {"lr": 2e-5, "epochs": 40, "batch": 48, "grad_accum": 1},
+    "sft": {"lr": 2e-5, "epochs": 40, "batch": 48, "grad_accum": 1, "loss_group": 6},  # 6 per GPU
     "ppo": {"lr": 3e-6, "epochs": 700, "questions": 256, "vf_coef": 5.0},
     "offline_epochs": 20,
     # The official small-model scripts (exps/small_model_exps, reference §8b) differ per dataset:
@@ -69,6 +72,7 @@ def sft(s: dict, dataset: str, engine: str, warmup: int, tag: str) -> dict:
         "mesh": s["mesh"],
         "epochs": epochs,
         "batch_size": s["sft"]["batch"],
+        "loss_group": s["sft"]["loss_group"],
         "warmup_epoch": warmup,
         "keep": epochs,  # ReFT keeps every epoch (the SFT number is the best one)
         "eval": {"every_epochs": 1, "batch_size": 24, "max_new_tokens": 1024, "max_total_len": 1024,
@@ -126,6 +130,8 @@ def experiment(s: dict, dataset: str, engine: str, warmup: int, kl: float) -> di
 def selftrain(s: dict, dataset: str, engine: str, tag: str) -> dict:
     offline_sft = sft(s, dataset, engine, None, tag)
     offline_sft.update(run_dir=f"runs/{tag}/offline_st_{dataset}_{engine}", epochs=s["offline_epochs"], keep=1)
+    # ReFT's offline self-training evaluates (and saves) every 175 / 90 / 350 steps, not per epoch
+    offline_sft["eval"].update(every_epochs=0, every_steps=OFFLINE_EVAL_STEPS[dataset])
     online = reft(s, dataset, engine, 0.0, tag)
     for key in ("n_samples", "mini_batch_size", "ppo_epochs", "kl_coef", "kl_estimator", "kl_in_reward",
                 "gamma", "lam", "clip", "value_clip", "vf_coef", "ref_dtype"):

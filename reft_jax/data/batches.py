@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
+
+LastBatch = Literal["short", "drop", "fill"]  # a last partial batch: see epoch_batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,14 +83,20 @@ def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> np
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
-                  drop_last: bool = False) -> list[np.ndarray]:
-    """Index arrays of each batch in one epoch (the last one may be short unless drop_last)."""
+                  last: LastBatch = "short") -> list[np.ndarray]:
+    """Index arrays of each batch in one epoch. A last partial batch is kept short (``short``),
+    dropped (``drop``), or completed with the epoch's first indices (``fill``): what
+    accelerate's DataLoader does with ``even_batches`` (the official RL runs on 8 GPUs), and
+    what keeps every batch one shape."""
     order = epoch_permutation(n, seed, epoch, shuffle)
     out = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    if drop_last and out and len(out[-1]) < batch_size:
-        out.pop()
+    if out and len(out[-1]) < batch_size:
+        if last == "drop":
+            out.pop()
+        elif last == "fill":
+            out[-1] = np.concatenate([out[-1], np.resize(order, batch_size - len(out[-1]))])
     return out
 
 
-def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
-    return n // batch_size if drop_last else int(math.ceil(n / batch_size))
+def steps_per_epoch(n: int, batch_size: int, last: LastBatch = "short") -> int:
+    return n // batch_size if last == "drop" else int(math.ceil(n / batch_size))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 
 from reft_jax import parallel
 from reft_jax.rollout import sampler as sampling
-from reft_jax.data.batches import bucket_length, left_pad
+from reft_jax.data.batches import bucket_length, epoch_batches, left_pad, steps_per_epoch
 from reft_jax.data.prompts import encode_prefix, header_newline
 from reft_jax.data.sources import Example
 from reft_jax.metrics import Timer
@@ -60,6 +60,17 @@ class RolloutConfig:
     max_new_tokens: int | None = None  # None: as many as max_total_len allows
     prompt_bucket: int = 32
     length_bucket: int = 64
+    # A last partial question batch each epoch: ``fill`` completes it with the epoch's first
+    # questions (ReFT's DataLoader: accelerate's even_batches), ``drop`` leaves it out.
+    last_batch: Literal["fill", "drop"] = "fill"
+
+    def question_batches(self, n: int, seed: int, epoch: int) -> list[np.ndarray]:
+        """Indices of each step's questions in `epoch` (a pure function of (seed, epoch))."""
+        return epoch_batches(n, self.batch_questions, seed, epoch, last=self.last_batch)
+
+    def rollout_steps(self, n: int) -> int:
+        """Rollout steps per epoch over `n` training questions."""
+        return steps_per_epoch(n, self.batch_questions, self.last_batch)
 
     def validate_rollout(self, max_prompt_len: int) -> None:
         from reft_jax.config import ConfigError

@@ -9,7 +9,7 @@ and returns its metrics) and its evaluation (`Trainer.evaluate`). Everything els
   never needs the host, so the device does not wait);
 * evaluation every `eval.every_epochs` epochs, after the last one, and every `eval.every_steps`
   steps; the best checkpoint by the trainer's metric (`checkpoint.improves`: ties go to the newer);
-* checkpoints at epoch ends and every `save_every_steps`, with the meta every run writes
+* checkpoints at epoch ends, at every evaluation and every `save_every_steps`, with the meta every run writes
   (`step, epoch, batch, epoch_end, best, eval, history, config`);
 * one divergence policy (`nan_policy`): a step whose loss or gradient norm is not finite (or
   whose update was skipped for it) stops the run with one line naming the step and the last
@@ -287,9 +287,11 @@ def train(trainer: Trainer, state: Any, meta: dict, stack: Any,
             log.push(_Pending(step, epoch, bi, metrics, compiled))
             end = bi == trainer.steps_per_epoch - 1
             eval_now = trainer.has_eval() and (
-                (end and ((epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == trainer.last_epoch))
+                (end and ((cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0)
+                         or epoch + 1 == trainer.last_epoch))
                 or (every_steps and step % every_steps == 0))
-            save_now = end or (cfg.save_every_steps and step % cfg.save_every_steps == 0)
+            # an evaluated step is saved too: the best checkpoint must exist (ReFT saves at every eval)
+            save_now = end or eval_now or (cfg.save_every_steps and step % cfg.save_every_steps == 0)
             if not (eval_now or save_now):
                 continue
             log.flush()  # never evaluate or checkpoint a step whose metrics were not checked

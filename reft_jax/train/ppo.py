@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 
 from reft_jax import config as config_lib
 from reft_jax import parallel
-from reft_jax.data.batches import bucket_sizes, epoch_batches, steps_per_epoch
+from reft_jax.data.batches import bucket_sizes
 from reft_jax.data.prompts import special_ids
 from reft_jax.data.splits import Splits, load_examples, tokenizer_corpus
 from reft_jax.metrics import Timer, plot_metrics
@@ -94,11 +94,12 @@ class PPOConfig(PPOAlgoConfig, RolloutConfig, RunConfig):
 
 
 def derived_sizes(cfg: PPOConfig, splits: Splits, model_config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
-    spe = steps_per_epoch(len(splits.train), cfg.batch_questions, drop_last=True)
+    spe = cfg.rollout_steps(len(splits.train))
     per_step = cfg.ppo_epochs * (cfg.rows // cfg.minibatch)
     return {
         "questions": (len(splits.train), f"val {len(splits.val)}, test {len(splits.test)}"),
-        "rollout steps/epoch": (spe, f"floor({len(splits.train)} / {cfg.batch_questions} questions)"),
+        "rollout steps/epoch": (spe, f"{len(splits.train)} / {cfg.batch_questions} questions, last batch: "
+                                     f"{cfg.last_batch}"),
         "sequences/step": (cfg.rows, f"{cfg.batch_questions} questions x {cfg.n_samples} samples"),
         "optimizer steps/step": (per_step, f"{cfg.ppo_epochs} PPO epochs x {cfg.rows // cfg.minibatch} minibatches"
                                            f" of {cfg.minibatch}"),
@@ -142,7 +143,7 @@ def minibatch_orders(rows: int, minibatch: int, seed: int, step: int, ppo_epochs
 
 @dataclasses.dataclass
 class PPOTrainer(loop.Trainer):
-    """PPO's own parts: question batches (drop-last, in the ``(seed, epoch)`` order), the
+    """PPO's own parts: question batches (in the ``(seed, epoch)`` order), the
     rollout step, and greedy evaluation from the rollout prefix."""
 
     cfg: PPOConfig | None = None
@@ -161,8 +162,7 @@ class PPOTrainer(loop.Trainer):
 
     def questions(self, epoch: int, bi: int) -> list:
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_batches(len(self.splits.train), self.cfg.batch_questions, self.cfg.seed,
-                                                epoch, drop_last=True))
+            self._order = (epoch, self.cfg.question_batches(len(self.splits.train), self.cfg.seed, epoch))
         return [self.splits.train[i] for i in self._order[1][bi]]
 
     def prefixes(self, examples):
@@ -232,6 +232,11 @@ class PPOTrainer(loop.Trainer):
                                "rollout")
 
 
+def total_updates(cfg: PPOConfig, questions: int) -> int:
+    """Optimizer steps of the whole run: the LR schedule's length."""
+    return cfg.rollout_steps(questions) * cfg.epochs * cfg.ppo_epochs * (cfg.rows // cfg.minibatch)
+
+
 def run_ppo(cfg: PPOConfig, *, _after_step: Callable[[int, TrainState], TrainState | None] | None = None
             ) -> dict[str, Any]:
     """Train (or continue training) ``cfg.run_dir``; returns a summary of this invocation.
@@ -243,9 +248,9 @@ def run_ppo(cfg: PPOConfig, *, _after_step: Callable[[int, TrainState], TrainSta
         if len(splits.train) < cfg.batch_questions:
             raise config_lib.ConfigError(f"only {len(splits.train)} training questions", key="batch_questions",
                                          value=cfg.batch_questions)
-        spe = steps_per_epoch(len(splits.train), cfg.batch_questions, drop_last=True)
-        total_updates = spe * cfg.epochs * cfg.ppo_epochs * (cfg.rows // cfg.minibatch)
-        tx = make_optimizer(cfg.optim, total_updates)
+        # sized before the prompts are fitted: only this optimizer's state structure is used
+        planned = total_updates(cfg, len(splits.train))
+        tx = make_optimizer(cfg.optim, planned)
         # The reference is always the configured init; the policy is the run's own on resume.
         corpus = tokenizer_corpus(splits.train, cfg.data.engine) if cfg.model.path is None else None
         model_config, init_params, tokenizer = build_policy(cfg.model, mesh, cfg.seed, corpus)
@@ -255,11 +260,12 @@ def run_ppo(cfg: PPOConfig, *, _after_step: Callable[[int, TrainState], TrainSta
             params = ppo_step.zero_value_head(init_params) if cfg.value_head_init == "zeros" else init_params
             return model_config, tokenizer, sharded.create_state(params, tx, jax.random.key(cfg.seed), mesh)
 
-        run, state, meta = open_or_start(cfg, "ppo", stack, mesh, total_updates, f"{cfg.eval.select_on}_accuracy",
+        run, state, meta = open_or_start(cfg, "ppo", stack, mesh, planned, f"{cfg.eval.select_on}_accuracy",
                                          fresh)
         init_params = None  # the state and the reference hold what they need
         splits = fit_questions(run, splits)
-        spe = steps_per_epoch(len(splits.train), cfg.batch_questions, drop_last=True)
+        spe = cfg.rollout_steps(len(splits.train))
+        tx = make_optimizer(cfg.optim, total_updates(cfg, len(splits.train)))  # the schedule spans what trains
         plan_memory(run, "ppo", batch=cfg.minibatch, seq_len=cfg.max_total_len, rollout_rows=cfg.rows,
                     prompt_len=cfg.data.max_prompt_len, ref_dtype=cfg.ref_dtype)
         _check_mesh(cfg, mesh)

@@ -67,8 +67,8 @@ class ModelSpec:
 class EvalConfig:
     """Per-epoch evaluation: greedy top-1 always, voting@k optionally."""
 
-    every_epochs: int = 1
-    every_steps: int = 0  # also evaluate every so many steps (0 = only at epoch ends)
+    every_epochs: int = 1  # 0: no epoch-end evaluation (only every_steps, and after the last epoch)
+    every_steps: int = 0  # also evaluate every so many steps (0 = off; ReFT's offline self-training: 175 / 90 / 350)
     batch_size: int = 8
     max_new_tokens: int = 400
     max_total_len: int | None = 1024  # ReFT caps prompt+completion (1024 SFT, 700 RL)
@@ -82,8 +82,9 @@ class EvalConfig:
     def validate(self) -> None:
         if self.select_on not in ("test", "val"):
             raise config_lib.ConfigError("must be test or val", key="select_on", value=self.select_on)
-        if self.every_epochs < 1:
-            raise config_lib.ConfigError("must be >= 1", key="every_epochs", value=self.every_epochs)
+        if self.every_epochs < 0:
+            raise config_lib.ConfigError("must be >= 0 (0 = only every_steps)", key="every_epochs",
+                                         value=self.every_epochs)
         if self.every_steps < 0:
             raise config_lib.ConfigError("must be >= 0 (0 = off)", key="every_steps", value=self.every_steps)
 

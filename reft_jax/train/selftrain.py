@@ -31,7 +31,7 @@ import optax
 from reft_jax import config as config_lib
 from reft_jax import parallel
 from reft_jax.checkpoint import SELFTRAIN_MARKER
-from reft_jax.data.batches import bucket_length, epoch_batches, pad_sft_batch, steps_per_epoch
+from reft_jax.data.batches import bucket_length, pad_sft_batch
 from reft_jax.data.formats import DataError, Example
 from reft_jax.data.prompts import encode_sft, special_ids, sft_target
 from reft_jax.data.splits import load_examples, tokenizer_corpus
@@ -268,7 +268,7 @@ class OnlineTrainer(loop.Trainer):
     def step(self, state, step, epoch, bi, upcoming):
         cfg, train = self.cfg, self.splits.train
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_batches(len(train), cfg.batch_questions, cfg.seed, epoch, drop_last=True))
+            self._order = (epoch, cfg.question_batches(len(train), cfg.seed, epoch))
         examples = [train[i] for i in self._order[1][bi]]
         start = time.perf_counter()
         host, rewards = self.onsl_batch(examples, jax.random.fold_in(state.rng, step), state.params)
@@ -314,8 +314,8 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
         if len(splits.train) < cfg.batch_questions:
             raise config_lib.ConfigError(f"only {len(splits.train)} training questions", key="batch_questions",
                                          value=cfg.batch_questions)
-        spe = steps_per_epoch(len(splits.train), cfg.batch_questions, drop_last=True)
-        total = spe * cfg.epochs * cfg.updates_per_step
+        # sized before the prompts are fitted: only this optimizer's state structure is used
+        total = cfg.rollout_steps(len(splits.train)) * cfg.epochs * cfg.updates_per_step
         tx = make_optimizer(cfg.optim, total)
 
         def fresh():
@@ -328,7 +328,9 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
                                          on_fresh=lambda: _mark(cfg.run_dir, "online", policy=cfg.model.path,
                                                                 step=cfg.model.step))
         splits = fit_questions(run, splits)
-        spe = steps_per_epoch(len(splits.train), cfg.batch_questions, drop_last=True)
+        spe = cfg.rollout_steps(len(splits.train))
+        total = spe * cfg.epochs * cfg.updates_per_step  # the schedule spans the questions that train
+        tx = make_optimizer(cfg.optim, total)
         ids = special_ids(run.tokenizer)
         sample_cfg = cfg.sample_config((ids.eos,), ids.pad)
         executor = None
@@ -340,7 +342,8 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
                                cfg.data.engine, executor, cfg.reward, cfg.length_bucket)
         print(f"[selftrain online] {run.run_dir}\n" + config_lib.describe_derived({
             "questions": (len(splits.train), f"test {len(splits.test)}"),
-            "steps/epoch": (spe, f"floor({len(splits.train)} / {cfg.batch_questions} questions)"),
+            "steps/epoch": (spe, f"{len(splits.train)} / {cfg.batch_questions} questions, last batch: "
+                                 f"{cfg.last_batch}"),
             "updates": (total, f"{cfg.epochs} epochs x {cfg.updates_per_step} per step"),
             "sequences/step": (cfg.batch_questions * cfg.n_samples, f"+ {cfg.batch_questions} gold rows"),
         }), flush=True)

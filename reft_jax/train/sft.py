@@ -47,6 +47,9 @@ class SFTConfig(RunConfig):
     batch_size: int = 48  # global, in examples
     bucket: int = 64  # padded lengths are multiples of this: few compiled shapes
     warmup_epoch: int | None = 2  # also save the end of this epoch into run_dir/warmup
+    # None: the loss is the token mean over the global batch (accumulation-invariant). k: the mean
+    # of the token means of k-example groups, ReFT's loss (k = 3, its per-GPU micro-batch).
+    loss_group: int | None = None
 
     def validate(self) -> None:
         self.validate_run()
@@ -60,6 +63,12 @@ class SFTConfig(RunConfig):
         if self.optim.grad_accum != "auto" and self.batch_size % self.optim.grad_accum:
             raise config_lib.ConfigError(f"must be a multiple of optim.grad_accum={self.optim.grad_accum}",
                                          key="batch_size", value=self.batch_size)
+        if self.loss_group is not None:
+            micro = self.batch_size // (1 if self.optim.grad_accum == "auto" else self.optim.grad_accum)
+            if micro % self.loss_group:
+                raise config_lib.ConfigError(f"must divide the micro-batch of {micro} examples "
+                                             "(batch_size / optim.grad_accum)", key="loss_group",
+                                             value=self.loss_group)
 
     @property
     def last_epoch(self) -> int:
@@ -215,6 +224,7 @@ def run_sft(cfg: SFTConfig, *, extra_train: Sequence[Example] = (),
     with contextlib.ExitStack() as stack:
         mesh = parallel.build_mesh(cfg.mesh)
         splits = load_examples(cfg.data, cfg.seed)
+        # sized before the examples are fitted: only this optimizer's state structure is used
         total_steps = steps_per_epoch(len(splits.train) + len(extra_train), cfg.batch_size) * cfg.epochs
         tx = make_optimizer(cfg.optim, total_steps)
 
@@ -226,12 +236,16 @@ def run_sft(cfg: SFTConfig, *, extra_train: Sequence[Example] = (),
         run, state, meta = open_or_start(cfg, "sft", stack, mesh, total_steps, f"{cfg.eval.select_on}_accuracy",
                                          fresh)
         plan_memory(run, "sft", batch=cfg.batch_size, seq_len=cfg.data.max_len)
+        cfg.validate()  # again, now that `auto` settings are resolved
         parallel.check_batch(cfg.batch_size, cfg.optim.grad_accum, mesh)
         encoded = fit_training_examples(cfg, run.tokenizer, splits.train, extra_train)
+        total_steps = steps_per_epoch(len(encoded), cfg.batch_size) * cfg.epochs  # the schedule spans what trains
+        tx = make_optimizer(cfg.optim, total_steps)
         print(f"[sft] {run.run_dir}\n" + config_lib.describe_derived(
             derived_sizes(cfg, splits, encoded, run.model_config, mesh, total_steps)), flush=True)
         step_fn = loop.keep_finite(with_lr(make_sft_step(run.model_config, tx, cfg.optim.grad_accum,
-                                                         compute_dtype(cfg.optim), cfg.model.logprob_chunk),
+                                                         compute_dtype(cfg.optim), cfg.model.logprob_chunk,
+                                                         cfg.loss_group),
                                            make_schedule(cfg.optim, total_steps)))
         trainer = SFTTrainer(
             name="sft", run=run, steps_per_epoch=steps_per_epoch(len(encoded), cfg.batch_size),

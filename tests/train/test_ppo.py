@@ -132,6 +132,20 @@ def test_minibatch_orders_partition_the_batch_deterministically():
     assert [o.tolist() for e in orders for o in e] == [o.tolist() for e in minibatch_orders(8, 4, 0, 3, 2) for o in e]
 
 
+def test_every_training_question_is_in_each_epoch(tmp_path):
+    """ReFT's DataLoader (accelerate, even_batches) completes the last question batch with the
+    epoch's first questions: 40 questions, 16 a step -> 3 steps, every question each epoch."""
+    cfg = ppo_cfg(tmp_path, tmp_path, "batch_questions=16")
+    assert cfg.last_batch == "fill" and cfg.rollout_steps(40) == 3
+    for epoch in range(3):
+        batches = cfg.question_batches(40, cfg.seed, epoch)
+        assert [len(b) for b in batches] == [16, 16, 16] and set(np.concatenate(batches)) == set(range(40))
+    dropped = ppo_cfg(tmp_path, tmp_path, "batch_questions=16", "last_batch=drop")
+    assert dropped.rollout_steps(40) == 2 and len(set(np.concatenate(dropped.question_batches(40, 0, 0)))) == 32
+    with pytest.raises(config_lib.ConfigError, match="last_batch"):
+        ppo_cfg(tmp_path, tmp_path, "last_batch=short")
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="n_samples"):
         config_lib.load_config(PPOConfig, overrides=[f"run_dir={tmp_path}", "advantage_estimator=grpo"])
@@ -176,8 +190,8 @@ def test_ppo_raises_training_reward_and_greedy_test_accuracy(warmup, test_file, 
         assert ck.read_meta(ck.latest_step())["best"]["epoch"] == 3
 
 
-RESUME = ["data.max_train_examples=48", "batch_questions=16", "epochs=2", "save_every_steps=2", "keep=5",
-          "max_new_tokens=32", "length_bucket=32"]  # 3 steps per epoch, 6 in all
+RESUME = ["data.max_train_examples=40", "batch_questions=16", "epochs=2", "save_every_steps=2", "keep=5",
+          "max_new_tokens=32", "length_bucket=32"]  # 3 steps per epoch (the last one filled), 6 in all
 
 
 @pytest.fixture(scope="module")

@@ -147,6 +147,25 @@ def test_reference_run_writes_checkpoints_warmup_metrics_and_plots(reference):
     assert (run_dir / "plots" / "train.png").is_file() and (run_dir / "config.yaml").is_file()
 
 
+def test_eval_every_steps_only_saves_each_evaluated_step_and_the_schedule_spans_what_trains(tmp_path):
+    """ReFT's offline self-training evaluates every N steps, not per epoch (`eval.every_epochs=0`):
+    each evaluated step is saved, so the best checkpoint exists. `data.max_len=110` drops 9 of
+    the 40 examples: 2 steps per epoch instead of 3, and the LR schedule is sized on the 31 left
+    (a schedule sized before the drop would end at half the peak LR instead of a quarter)."""
+    cfg = tiny(tmp_path, "data.max_len=110", "bucket=64", "data.max_test_examples=4", "eval.every_epochs=0",
+               "eval.every_steps=3", "save_every_steps=0", "eval.batch_size=4", "eval.max_new_tokens=8",
+               "eval.max_total_len=110", "optim.schedule=linear_warmup_decay", "optim.warmup_ratio=0")
+    summary = run_sft(cfg)
+    assert summary["step"] == 4
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows if "eval/test_accuracy" in r] == [3, 4]
+    with Checkpointer(tmp_path / "checkpoints", keep=None) as ck:
+        assert ck.all_steps() == [2, 3, 4]
+        assert ck.read_meta(4)["best"]["step"] in (3, 4)
+    lr = {r["step"]: r["train/lr"] for r in rows if "train/lr" in r}
+    np.testing.assert_allclose([lr[s] for s in (1, 2, 3, 4)], [3e-3 * (1 - k / 4) for k in range(4)], rtol=1e-6)
+
+
 def test_killed_run_resumes_bitwise_exactly(reference, tmp_path):
     _, ref_params, _ = reference
 

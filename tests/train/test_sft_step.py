@@ -72,3 +72,60 @@ def test_loss_falls_and_accumulation_and_mesh_change_nothing():
     np.testing.assert_allclose(eight, base, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(p_base), jax.tree.leaves(p8)):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def _numpy_logp(params, batch):
+    logits, _, _ = llama.forward(params, batch["tokens"], llama.positions_from_mask(batch["attention_mask"]),
+                                 batch["attention_mask"], CFG)
+    logits = np.asarray(logits, np.float64)
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
+def _group_means(params, batch, k):
+    """NumPy: the token mean of each non-empty group; group j = rows j, j + B/k, ..."""
+    logp, w = _numpy_logp(params, batch), batch["loss_weights"]
+    n = len(w) // k
+    out = []
+    for j in range(n):
+        rows = range(j, len(w), n)
+        count = sum(w[b].sum() for b in rows)
+        if count:
+            out.append(sum(-logp[b, t, batch["tokens"][b, t + 1]] for b in rows for t in range(15) if w[b, t]) / count)
+    return out
+
+
+def test_loss_group_is_the_mean_of_group_token_means_as_reft():
+    """ReFT's SFT loss: HF's token mean per micro-batch of k examples, averaged over micro-batches
+    (DeepSpeed over GPUs and accumulation steps). NumPy reference; an all-padding group (a short
+    last batch) counts for nothing; accumulation changes nothing."""
+    params = llama.init_params(CFG, jax.random.key(0))
+    padded = _batch(n=6)
+    padded["loss_weights"][1::2] = 0  # group 1 of 2 (rows 1, 3, 5) is padding only
+    padded["attention_mask"][1::2] = False
+    got, groups = sequence_nll(params, jax.tree.map(jnp.asarray, padded), CFG, group=3)
+    ref = _group_means(params, padded, 3)
+    assert int(groups) == len(ref) == 1
+    np.testing.assert_allclose(float(got), ref[0], rtol=1e-5)
+
+    full = _batch(n=6)
+    got2, groups2 = sequence_nll(params, jax.tree.map(jnp.asarray, full), CFG, group=2)
+    ref2 = _group_means(params, full, 2)
+    assert int(groups2) == len(ref2) == 3
+    np.testing.assert_allclose(float(got2), sum(ref2), rtol=1e-5)
+    # group = the whole batch is the global token mean; a mean of group means differs from it
+    tok, count = sequence_nll(params, jax.tree.map(jnp.asarray, full), CFG)
+    whole, one = sequence_nll(params, jax.tree.map(jnp.asarray, full), CFG, group=6)
+    np.testing.assert_allclose(float(whole) / float(one), float(tok) / float(count), rtol=1e-6)
+    assert abs(float(got2) / 3 - float(tok) / float(count)) > 1e-4
+
+    mesh = parallel.single_device_mesh()
+    tx = make_optimizer(OptimConfig(lr=3e-3, schedule="constant"), total_steps=1)
+    losses = []
+    for accum in (1, 3):
+        state = sharded.place(jax.jit(lambda p: TrainState.create(p, tx, jax.random.key(1)))(
+            llama.init_params_sharded(CFG, jax.random.key(0), mesh)), mesh)
+        placed = parallel.shard_batch(full, mesh)
+        step = sharded.jit_step(make_sft_step(CFG, tx, accum, loss_group=2), state, placed, mesh)
+        losses.append(float(step(state, placed)[1]["loss"]))  # the state is donated: a fresh one each
+    np.testing.assert_allclose(losses, [sum(ref2) / 3] * 2, rtol=1e-5)
