@@ -167,7 +167,7 @@ def test_sft_max_len_beyond_the_model(tmp_path):
                 "model.scratch.max_position_embeddings=512")
     assert proc.returncode == 2
     assert last_line(proc) == ("reft sft: error: data.max_len=2048: longer than the model's "
-                               "max_position_embeddings=512; lower it to at most 512")
+                               f"max_position_embeddings=512; lower it to at most 512 (log: {run / 'log.txt'})")
     assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
 
 
@@ -195,3 +195,30 @@ def test_unusable_run_dir(tmp_path):
         assert proc.returncode == 2
         assert last_line(proc) == f"reft sft: error: {message}"
     assert afile.read_text() == "keep me"
+
+
+def test_an_error_after_the_run_dir_exists_names_the_log_with_the_details(tmp_path):
+    """Once the run directory exists, the one line ends with the log's path; the log has what the
+    line leaves out (the traceback) and everything the command printed. Before, no log."""
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    missing = ["data.dataset=svamp", f"data.data_dir={empty}", "data.download=false"]
+    message = (f"reft sft: error: {empty}/reft/svamp_nl.json: missing and downloads are off; download "
+               "https://raw.githubusercontent.com/")
+    fresh = tmp_path / "fresh"  # the data is read before the run directory is made: no log
+    proc = reft("sft", "--config", SFT_YAML, f"run_dir={fresh}", *missing)
+    assert proc.returncode == 2
+    assert last_line(proc).startswith(message) and "(log: " not in proc.stderr, proc.stderr
+    assert not fresh.exists()
+
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = reft("sft", "--config", SFT_YAML, f"run_dir={run}", *missing)
+    assert proc.returncode == 2
+    line = last_line(proc)
+    assert line.startswith(message) and line.endswith(f" (log: {run / 'log.txt'})"), line
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    log = (run / "log.txt").read_text()
+    assert log.startswith("=== ") and f"reft sft --config {SFT_YAML} run_dir={run} data.dataset=svamp" in log
+    assert "Traceback (most recent call last):" in log and "reft_jax.data.formats.DataError: " in log
+    assert log.endswith(line + "\n")

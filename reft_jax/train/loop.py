@@ -17,14 +17,19 @@ and returns its metrics) and its evaluation (`Trainer.evaluate`). Everything els
   state). Params are checked before every checkpoint, so no non-finite state is ever saved.
   The collapse guard (`guard.*`) stops a run whose gradient norm stays at zero, whose loss sits
   at ln(vocab) (a uniform distribution) or whose policy entropy collapses.
-* Ctrl-C: the run stops between steps with nothing half-written and says where it will resume.
+* Ctrl-C: the run stops between steps with nothing half-written and says where it will resume
+  (a save in flight finishes as the run closes, or is removed when it resumes).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import jax
@@ -63,6 +68,37 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C between steps; the message says where the run will resume."""
+
+
+# The summaries of the `train` calls of this process that ran to the end, every step saved: a
+# Ctrl-C that lands after the last one (while the command draws its plots) cut nothing short.
+last_finished: list[dict[str, Any]] = []
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Inside, a Ctrl-C waits for the block to end and is raised after it (a second one is raised
+    at once). For Orbax's saves: an interrupt inside one lands in its wait for the previous save
+    (which then logs a traceback) or between its steps. Only the main thread can hold signals,
+    and only the default SIGINT handler is replaced; elsewhere the block runs as is."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 @jax.jit
@@ -272,6 +308,8 @@ def train(trainer: Trainer, state: Any, meta: dict, stack: Any,
     positions = _positions(trainer, epoch0, batch0)
     bar = stack.enter_context(progress(total=step + len(positions), initial=step, desc=trainer.name, unit="step"))
     log = _Log(trainer, bar, last_good)
+    if not meta:  # a fresh start: rows of an attempt stopped before its first checkpoint are redone
+        run.writer.drop_after(-1)
     if not meta and trainer.eval_at_start and trainer.has_eval():
         evaluate(0)
     every_steps = getattr(cfg.eval, "every_steps", 0)
@@ -303,21 +341,25 @@ def train(trainer: Trainer, state: Any, meta: dict, stack: Any,
                 meta = {"step": step, "epoch": epoch + 1 if end else epoch, "batch": 0 if end else bi + 1,
                         "epoch_end": epoch + 1 if end else None, "best": best, "eval": last_eval,
                         "history": history, "config": config_lib.to_dict(cfg)}
-                trainer.before_save(state, meta)
                 value = metrics_now.get(trainer.best_name) if trainer.best_name else None
-                run.ckpt.save(step, state, meta, metric=value)
-                saved[0] = step
+                with interrupts_held():  # a save is started whole; it commits in the background
+                    trainer.before_save(state, meta)
+                    run.ckpt.save(step, state, meta, metric=value)
+                    saved[0] = step
             log.restart_clock()
         log.flush()
+        out = {"run_dir": str(run.run_dir), "step": step, "epochs_done": meta.get("epoch", epoch0),
+               "train": log.last, "eval": last_eval, "best": best, "history": history}
+        summary = trainer.summary(out, log.records)
     except KeyboardInterrupt:
-        # no wait for a save the interrupt may have cut short: a half-written step has no commit
-        # marker, and resuming removes it
+        # a save in flight commits as the run closes (the checkpointer waits for it); a process
+        # killed before that leaves a step without its commit marker, which resuming removes
         log.pending = None
         where = f"step {saved[0]}" if saved[0] is not None else "the start"
         raise TrainingInterrupted(
             f"interrupted at step {step}; nothing half-written. Run the same command to resume from {where} "
             f"({run.ckpt.directory}).") from None
-    run.ckpt.wait()
-    out = {"run_dir": str(run.run_dir), "step": step, "epochs_done": meta.get("epoch", epoch0),
-           "train": log.last, "eval": last_eval, "best": best, "history": history}
-    return state, trainer.summary(out, log.records)
+    with interrupts_held():  # every step is trained: a Ctrl-C now waits for the last commit, then
+        run.ckpt.wait()  # finds the run finished
+        last_finished.append(summary)
+    return state, summary
