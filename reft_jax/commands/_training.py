@@ -65,6 +65,7 @@ def run_training(command: str, config_cls: type, runner: Callable[[Any], dict],
     also run more than one training loop, so a Ctrl-C after one of them is an interruption."""
     from reft_jax import config as config_lib
     from reft_jax import distributed
+    from reft_jax.checkpoint import plain_warnings
     from reft_jax.metrics import RunLog
 
     try:
@@ -77,7 +78,8 @@ def run_training(command: str, config_cls: type, runner: Callable[[Any], dict],
     distributed.initialize()  # a no-op for one process
     config = ["--config", args.config] if args.config else []
     header = shlex.join(["reft", *command.split(), *config, *args.overrides])
-    with RunLog(run_dir_of(cfg, args), header) as log:
+    # a damaged checkpoint skipped on resume is one `reft <cmd>: warning: ...` line, as in eval
+    with RunLog(run_dir_of(cfg, args), header) as log, plain_warnings(command):
         return _run_logged(command, runner, cfg, diverged, print_summary, log)
 
 
