@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import pathlib
@@ -41,6 +42,19 @@ SELFTRAIN_MARKER = "selftrain.json"  # in a self-training run directory: which b
 
 class CheckpointError(RuntimeError):
     """A checkpoint operation that cannot go on safely (nothing usable, or a step clash)."""
+
+
+class _UnrankedSaveNotice(logging.Filter):
+    """Orbax logs 'Requested `tracked_metric`; did not provide metrics.' for every save without a
+    metric when best-keeping is on. Ours are deliberate (a step that was not evaluated is kept as
+    a latest step, never as best), so only that notice is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+if not any(isinstance(f, _UnrankedSaveNotice) for f in logging.getLogger("absl").filters):
+    logging.getLogger("absl").addFilter(_UnrankedSaveNotice())
 
 
 class CheckpointWarning(UserWarning):

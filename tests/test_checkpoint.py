@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import pathlib
 import sys
 import time
@@ -329,3 +330,15 @@ def test_abstract_like_single_sharding_and_scalars():
     plain = abstract_like({"a": np.zeros((2, 3), np.float16), "n": 3})
     assert plain["a"].shape == (2, 3) and plain["a"].dtype == np.float16
     assert plain["n"].shape == ()
+
+
+def test_a_save_without_a_metric_logs_no_orbax_notice(tmp_path, caplog):
+    """A step saved without evaluation is kept as a latest step; Orbax's 'did not provide
+    metrics' notice for it is noise in every run's output."""
+    caplog.set_level(logging.INFO)
+    with Checkpointer(tmp_path / "c", keep=2, best_metric="acc") as ck:
+        ck.save(1, {"x": np.ones(3, np.float32)}, {})
+        ck.save(2, {"x": np.ones(3, np.float32)}, {}, metric=0.5)
+        ck.wait()
+        assert ck.all_steps() == [1, 2]
+    assert not [r for r in caplog.records if "did not provide metrics" in r.getMessage()]
