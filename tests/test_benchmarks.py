@@ -85,3 +85,20 @@ def test_bench_ppo_tiny(tmp_path):
     first, second = result["steps"]
     assert first["compile"] > 0 and first["seq_width"] == second["seq_width"]  # one bucket: compiled once
     assert result["compile_seconds_in_run"] >= result["compile_seconds_in_steps"] > 0
+
+
+def test_sandbox_policies_reference_and_samples(tmp_path, data_dir):
+    """20 reference programs (same outcome under both policies) and a sample file whose numpy /
+    getattr programs only the reft policy runs."""
+    sample = {"item_id": "svamp_1", "question": "q", "answer_value": "3", "completions": [
+        "def solution():\n    import numpy as np\n    return int(np.sum([1, 2]))",
+        "def solution():\n    return getattr(3, 'real')", "def solution():\n    return 3"]}
+    (tmp_path / "samples.jsonl").write_text(json.dumps(sample) + "\n")
+    stdout, result = _run("sandbox_policies.py", "--reference", "--limit", "20", "--data",
+                          str(data_dir / "reft" / "svamp_python_sdp.json"), "--samples", "samples.jsonl",
+                          tmp_path=tmp_path)
+    ref, samples = result["reference programs svamp_python_sdp.json"], result["samples samples.jsonl"]
+    assert ref["programs"] == 20 and ref["differ_status"] == ref["differ_reward"] == 0 and ref["correct"]["reft"] == 20
+    assert "no program differs between the policies" in stdout
+    assert samples["programs"] == 3 and samples["differ_status"] == samples["differ_reward"] == 2
+    assert samples["pairs"] == {"rejected -> ok": 2} and samples["correct"] == {"strict": 1, "reft": 3}
