@@ -12,16 +12,13 @@ Multi-host: every process must call `save`, `restore` and `wait` (Orbax synchron
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
-import logging
 import math
 import os
 import pathlib
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -34,6 +31,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from reft_jax.config import to_dict
+from reft_jax.orbax_quirks import drained_orbax_loop
 
 COMMIT_MARKER = "commit_success.txt"  # written by Orbax as the last act of a save
 UNUSABLE_DIR = "_unusable"  # where damaged steps are moved; not a step name, so Orbax ignores it
@@ -44,101 +42,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint operation that cannot go on safely (nothing usable, or a step clash)."""
 
 
-class _UnrankedSaveNotice(logging.Filter):
-    """Orbax logs 'Requested `tracked_metric`; did not provide metrics.' for every save without a
-    metric when best-keeping is on. Ours are deliberate (a step that was not evaluated is kept as
-    a latest step, never as best), so only that notice is dropped."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "did not provide metrics" not in record.getMessage()
-
-
-if not any(isinstance(f, _UnrankedSaveNotice) for f in logging.getLogger("absl").filters):
-    logging.getLogger("absl").addFilter(_UnrankedSaveNotice())
-
-
 class CheckpointWarning(UserWarning):
     """A checkpoint step was found damaged or partial and is being skipped."""
 
 
 class _Unusable(Exception):
     """Reason one step cannot be restored."""
-
-
-class _DrainingLoop(asyncio.SelectorEventLoop):
-    """An event loop whose close() first waits for its unfinished tasks, as Orbax's own
-    AsyncRunner.shutdown does."""
-
-    def close(self) -> None:
-        if not self.is_closed() and not self.is_running():
-            pending = asyncio.all_tasks(self)
-            if pending:  # return_exceptions: their errors are collected, not logged as unretrieved
-                self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        super().close()
-
-
-class _DrainingPolicy(asyncio.AbstractEventLoopPolicy):
-    """The policy in force before (`base`), except that threads inside `_drained_orbax_loop`
-    get _DrainingLoops from new_event_loop()."""
-
-    def __init__(self, base: asyncio.AbstractEventLoopPolicy):
-        self.base = base
-        self.threads: dict[int, int] = {}  # thread id -> nesting depth
-
-    def new_event_loop(self) -> asyncio.AbstractEventLoop:
-        if threading.get_ident() in self.threads:
-            return _DrainingLoop()
-        return self.base.new_event_loop()
-
-    def get_event_loop(self) -> asyncio.AbstractEventLoop:
-        return self.base.get_event_loop()
-
-    def set_event_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        self.base.set_event_loop(loop)
-
-    def get_child_watcher(self):  # Python < 3.14
-        return self.base.get_child_watcher()
-
-    def set_child_watcher(self, watcher) -> None:
-        self.base.set_child_watcher(watcher)
-
-
-_policy_lock = threading.Lock()
-_policy: _DrainingPolicy | None = None
-
-
-@contextlib.contextmanager
-def _drained_orbax_loop() -> Iterator[None]:
-    """Inside, an Orbax read lets everything it started finish before its event loop closes,
-    even when one part of the read fails.
-
-    Orbax (0.12) runs a restore as `loop.run_until_complete(asyncio.gather(*reads))` on a fresh
-    loop and then closes that loop. When one array of a damaged step cannot be read, gather
-    raises at once and the loop is closed with its sibling TensorStore reads still in flight;
-    each of those, on finishing, calls `loop.call_soon_threadsafe` on the closed loop from a
-    TensorStore thread, which prints a 'RuntimeError: Event loop is closed' traceback (one per
-    read, often dozens) and leaves 'exception was never retrieved' errors to asyncio's log.
-    Orbax makes that loop with `asyncio.new_event_loop()`, so while this thread is inside, its
-    new loops wait for their remaining tasks on close(); other threads' loops are unchanged.
-    Cost: a failed read takes as long as reading the whole step would."""
-    global _policy
-    me = threading.get_ident()
-    with _policy_lock:
-        if _policy is None or asyncio.get_event_loop_policy() is not _policy:
-            _policy = _DrainingPolicy(asyncio.get_event_loop_policy())
-            asyncio.set_event_loop_policy(_policy)
-        policy = _policy
-        policy.threads[me] = policy.threads.get(me, 0) + 1
-    try:
-        yield
-    finally:
-        with _policy_lock:
-            policy.threads[me] -= 1
-            if not policy.threads[me]:
-                del policy.threads[me]
-            if not policy.threads and asyncio.get_event_loop_policy() is policy:
-                asyncio.set_event_loop_policy(policy.base)
-                _policy = None
 
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:
@@ -334,7 +243,7 @@ class Checkpointer:
 
     def read_meta(self, step: int) -> dict:
         """The JSON meta of one step without reading its arrays (e.g. to find an epoch's step)."""
-        with _drained_orbax_loop():
+        with drained_orbax_loop():
             return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore_best(self, abstract_state: Any) -> tuple[Any, dict] | None:
@@ -372,7 +281,7 @@ class Checkpointer:
         if not (path / COMMIT_MARKER).exists():
             raise _Unusable(f"missing {COMMIT_MARKER} (the save never finished)")
         try:
-            with _drained_orbax_loop():
+            with drained_orbax_loop():
                 meta = self._mgr.restore(step, args=ocp.args.Composite(
                     meta=ocp.args.JsonRestore()))["meta"]
         except Exception as err:  # noqa: BLE001 - any failure means this step is unusable
@@ -380,7 +289,7 @@ class Checkpointer:
         if not isinstance(meta, dict):
             raise _Unusable(f"meta is {type(meta).__name__}, not a JSON object")
         try:
-            with _drained_orbax_loop():  # a damaged step fails one read while others are in flight
+            with drained_orbax_loop():  # a damaged step fails one read while others are in flight
                 state = self._mgr.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state)))["state"]
         except Exception as err:  # noqa: BLE001

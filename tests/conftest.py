@@ -9,7 +9,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `persistent_compile_cache` fixture's own directory) so nothing lands in the user's cache.
 os.environ.setdefault("REFT_COMPILE_CACHE", "")
 _REPO = pathlib.Path(__file__).resolve().parent.parent
-os.environ.setdefault("REFT_DATA_DIR", str((_REPO.parent / "shared" / "data").resolve()))
+os.environ.setdefault("REFT_DATA_DIR", str(_REPO.parent / "shared" / "data"))
+# absolute: tests run subprocesses from other working directories
+os.environ["REFT_DATA_DIR"] = os.path.abspath(os.environ["REFT_DATA_DIR"])
 
 import pytest  # noqa: E402
 

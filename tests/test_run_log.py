@@ -1,8 +1,9 @@
-"""The run's log (`metrics.RunLog`, `<run_dir>/log.txt`) and the metrics rows a fresh start drops."""
+"""The run's log (`runlog.RunLog`, `<run_dir>/log.txt`) and the metrics rows a fresh start drops."""
 import logging
 import sys
 
-from reft_jax.metrics import MetricsWriter, RunLog, describe_error, read_metrics
+from reft_jax.metrics import MetricsWriter, read_metrics
+from reft_jax.runlog import RunLog, describe_error
 
 
 def test_log_tees_both_streams_from_when_the_run_dir_exists(tmp_path, capsys):

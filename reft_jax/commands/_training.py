@@ -8,7 +8,7 @@ and one error path. Each failure ends in one line on stderr and its own exit sta
          saved: only the plots are left undrawn)
 
 Once the run directory exists, everything the command prints is also appended to
-`<run_dir>/log.txt` (`metrics.RunLog`), and the one error line ends with ` (log: <path>)`: the
+`<run_dir>/log.txt` (`runlog.RunLog`), and the one error line ends with ` (log: <path>)`: the
 log holds what the line leaves out (the traceback and the exception chain). Errors before that
 (a bad config, an unusable run directory) are the one line alone.
 """
@@ -36,7 +36,7 @@ def fail(command: str, kind: str, message: Any, status: int, err: BaseException 
          log: Any = None) -> int:
     """Print the one error line (with the log's path once there is a log, which gets `err`'s
     traceback); returns `status`."""
-    from reft_jax.metrics import describe_error
+    from reft_jax.runlog import describe_error
 
     path = log.open() if log is not None else None
     if path is not None and err is not None:
@@ -66,7 +66,7 @@ def run_training(command: str, config_cls: type, runner: Callable[[Any], dict],
     from reft_jax import config as config_lib
     from reft_jax import distributed
     from reft_jax.checkpoint import plain_warnings
-    from reft_jax.metrics import RunLog
+    from reft_jax.runlog import RunLog
 
     try:
         cfg = config_lib.load_config(config_cls, args.config, args.overrides)
@@ -88,7 +88,7 @@ def _run_logged(command: str, runner: Callable[[Any], dict], cfg: Any,
     from reft_jax import config as config_lib
     from reft_jax.checkpoint import CheckpointError
     from reft_jax.data.formats import DataError
-    from reft_jax.metrics import describe_error
+    from reft_jax.runlog import describe_error
     from reft_jax.train import loop
     from reft_jax.train.loop import TrainingDiverged, TrainingInterrupted
 

@@ -17,7 +17,8 @@ import time
 import pytest
 
 from reft_jax.checkpoint import COMMIT_MARKER
-from reft_jax.metrics import LOG_NAME, read_metrics
+from reft_jax.metrics import read_metrics
+from reft_jax.runlog import LOG_NAME
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "golden"))
