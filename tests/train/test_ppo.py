@@ -256,8 +256,13 @@ def test_one_step_on_8_devices_equals_one_device(warmup, tmp_path):
                 "grad_norm", "explained_variance"):
         np.testing.assert_allclose(eight[0][f"train/{key}"], one[0][f"train/{key}"], rtol=1e-3, atol=1e-5,
                                    err_msg=key)
+    # Sharded matmuls sum in another order. Adam moves an element by up to ~lr (1e-3) a step
+    # whatever its gradient's size, so where a gradient is ~0 that order can move it by up to
+    # 2 lr; all but a handful of elements must agree to 5e-5 (measured: 1 of 25,344 was 2.6e-4 off).
     for a, b in zip(jax.tree.leaves(eight[1]), jax.tree.leaves(one[1]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)  # sharded matmuls sum in another order
+        a, b = np.asarray(a), np.asarray(b)
+        off = np.abs(a - b) > 5e-5 + 1e-4 * np.abs(b)
+        assert np.abs(a - b).max() <= 2e-3 and off.mean() < 1e-3, (np.abs(a - b).max(), int(off.sum()), a.size)
 
 
 @pytest.mark.slow
