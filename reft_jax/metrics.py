@@ -220,9 +220,10 @@ def plot_metrics(run_dir: str | os.PathLike, keys: Sequence[str] | None = None,
 def progress(iterable: Iterable | None = None, total: int | None = None, desc: str | None = None,
              unit: str = "it", disable: bool | None = None, **kwargs: Any) -> tqdm:
     """tqdm bar with throughput, shown on process 0 only. Off a terminal (CI logs) it still
-    reports, but every 30 s instead of many times a second, so logs stay short."""
+    reports, but every 30 s instead of many times a second, so logs stay short. `TQDM_DISABLE=1`
+    turns bars off, as it does for tqdm's own defaults."""
     if disable is None:
-        disable = jax.process_index() != 0
+        disable = jax.process_index() != 0 or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true")
     interval = 0.5 if sys.stderr.isatty() else 30.0
     options = {"mininterval": interval, "maxinterval": max(interval, 10.0), "dynamic_ncols": True}
     options.update(kwargs)

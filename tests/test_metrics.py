@@ -153,3 +153,12 @@ def test_metrics_roundtrip_json_is_plain(tmp_path):
         writer.write(1, {"x": jnp.array([2.5])})  # size-1 arrays are scalars too
     line = (tmp_path / "metrics.jsonl").read_text().strip()
     assert json.loads(line)["x"] == 2.5
+
+
+def test_progress_bars_honour_tqdm_disable(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    with progress(total=3) as bar:
+        assert bar.disable
+    monkeypatch.setenv("TQDM_DISABLE", "")
+    with progress(total=3) as bar:
+        assert not bar.disable
