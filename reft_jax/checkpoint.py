@@ -281,9 +281,7 @@ class Checkpointer:
         if not (path / COMMIT_MARKER).exists():
             raise _Unusable(f"missing {COMMIT_MARKER} (the save never finished)")
         try:
-            with drained_orbax_loop():
-                meta = self._mgr.restore(step, args=ocp.args.Composite(
-                    meta=ocp.args.JsonRestore()))["meta"]
+            meta = self.read_meta(step)
         except Exception as err:  # noqa: BLE001 - any failure means this step is unusable
             raise _Unusable(f"meta unreadable: {type(err).__name__}: {_brief(err)}") from err
         if not isinstance(meta, dict):

@@ -64,8 +64,9 @@ class MetricsWriter:
     def __init__(self, run_dir: str | os.PathLike, enabled: bool | None = None,
                  tensorboard: bool = True, resume_step: int | None = None):
         """`resume_step`: a run resumed from the checkpoint of this step will redo the steps
-        after it, so their records are dropped first (each step appears once; `0` = a fresh
-        start over an old file, None = append as is)."""
+        after it, so their records are dropped first (each step appears once; `-1` = a fresh
+        start over the file of an attempt stopped before its first checkpoint, whose steps are
+        all redone; None = append as is)."""
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -77,29 +78,10 @@ class MetricsWriter:
                 truncate_after(self.path, resume_step)
             self._jsonl = open(self.path, "a", encoding="utf-8")
             if tensorboard:
-                self._tb = self._tensorboard(resume_step)
-
-    def _tensorboard(self, resume_step: int | None) -> Any:
-        from tensorboardX import SummaryWriter  # noqa: PLC0415 - only where used
-
-        # purge_step: TensorBoard hides events at or after it written before the restart
-        purge = None if resume_step is None else resume_step + 1
-        return SummaryWriter(logdir=str(self.run_dir / "tb"), purge_step=purge)
-
-    def drop_after(self, step: int) -> int:
-        """Drop the records after `step` from the file being appended to (and hide them in
-        TensorBoard), as opening with `resume_step=step` does; returns how many. A run that
-        found no checkpoint drops them all (`-1`): they are an earlier attempt's, stopped before
-        its first checkpoint, and will be logged again."""
-        if self._jsonl is None:
-            return 0
-        self._jsonl.close()
-        dropped = truncate_after(self.path, step)
-        self._jsonl = open(self.path, "a", encoding="utf-8")
-        if dropped and self._tb is not None:
-            self._tb.close()
-            self._tb = self._tensorboard(step)
-        return dropped
+                from tensorboardX import SummaryWriter  # noqa: PLC0415 - only where used
+                # purge_step: TensorBoard hides events at or after it written before the restart
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(logdir=str(self.run_dir / "tb"), purge_step=purge)
 
     def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         """Record `metrics` at `step` under `prefix/`; returns the record written. Device values

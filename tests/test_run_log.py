@@ -75,10 +75,9 @@ def test_a_fresh_start_drops_the_rows_of_an_attempt_without_a_checkpoint(tmp_pat
     with MetricsWriter(tmp_path) as w:  # an attempt stopped before its first checkpoint
         w.write(0, {"accuracy": 0.5}, prefix="eval")
         w.write(1, {"loss": 1.0}, prefix="train")
-    with MetricsWriter(tmp_path) as w:  # the run opened again, found no checkpoint: starts over
-        assert w.drop_after(-1) == 2
+    with MetricsWriter(tmp_path, resume_step=-1) as w:  # opened again, no checkpoint: starts over
+        assert read_metrics(tmp_path / "metrics.jsonl") == []
         w.write(0, {"accuracy": 0.25}, prefix="eval")
         w.write(1, {"loss": 2.0}, prefix="train")
-        assert w.drop_after(5) == 0
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [(r["step"], r.get("eval/accuracy", r.get("train/loss"))) for r in rows] == [(0, 0.25), (1, 2.0)]

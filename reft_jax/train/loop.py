@@ -308,8 +308,6 @@ def train(trainer: Trainer, state: Any, meta: dict, stack: Any,
     positions = _positions(trainer, epoch0, batch0)
     bar = stack.enter_context(progress(total=step + len(positions), initial=step, desc=trainer.name, unit="step"))
     log = _Log(trainer, bar, last_good)
-    if not meta:  # a fresh start: rows of an attempt stopped before its first checkpoint are redone
-        run.writer.drop_after(-1)
     if not meta and trainer.eval_at_start and trainer.has_eval():
         evaluate(0)
     every_steps = getattr(cfg.eval, "every_steps", 0)

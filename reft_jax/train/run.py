@@ -299,7 +299,8 @@ def open_or_start(cfg: Any, name: str, stack: contextlib.ExitStack, mesh: Mesh, 
         drift = config_drift(meta.get("config", {}), config_lib.to_dict(cfg))
         print(f"[{name}] resuming {run_dir} at step {meta['step']} (epoch {meta['epoch'] + 1}, batch "
               f"{meta.get('batch', 0)})" + ("; config changed: " + "; ".join(drift) if drift else ""), flush=True)
-    writer = stack.enter_context(MetricsWriter(run_dir, resume_step=meta.get("step", 0) if meta else None))
+    # fresh: the rows of an attempt stopped before its first checkpoint are all redone
+    writer = stack.enter_context(MetricsWriter(run_dir, resume_step=meta["step"] if meta else -1))
     return Run(cfg, name, run_dir, mesh, ckpt, writer, model_config, tokenizer), state, meta
 
 
